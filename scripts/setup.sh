@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything promptmad needs into .venv/ at the repository root. Idempotent: a second run
+# with an unchanged pyproject.toml returns in a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+
+stamp=".venv/.promptmad-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing promptmad and its dependencies (torch + torchvision are resolved together; ~2-5 min the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install -q -e ".[test,bench]"
+  rm -f .venv/.promptmad-installed-*
+  touch "$stamp"
+fi
+
+# perf_analyzer (bundled in the tritonclient 2.51.0 wheel) links Debian's libb64.
+if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing libb64-0d for perf_analyzer"
+    (apt-get install -y -q libb64-0d >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }) \
+      || echo "[setup] warning: could not install libb64-0d; 'promptmad bench' needs it (apt-get install libb64-0d)"
+  else
+    echo "[setup] note: 'promptmad bench' needs Debian's libb64-0d (sudo apt-get install libb64-0d)"
+  fi
+fi
+echo "[setup] ready: .venv/bin/promptmad --help"
