@@ -1,0 +1,188 @@
+"""`promptmad export`: training run -> Triton model repository.
+
+1. Per-class constants, once: the CLIP text-embedding table [C, 2, D] (stored in the run) and the
+   normal-image prompt tokens [C, N, d] (the reconstructor's encoder on each class's prompt image).
+   They go to the `prompt_bank` step, so the engines never change when the class list changes.
+2. ONNX graphs with a dynamic batch axis for the visual encoder, the reconstructor and the
+   segmentor (10 diffusion steps unrolled); every op checked against ONNX-TensorRT's list.
+3. Parity of every graph against PyTorch on real frames (Polygraphy's ONNX Runtime runner).
+4. Runtime `tensorrt`: engines built and compared against ONNX Runtime (GPU + TensorRT only).
+5. The repository (configs through Triton's protobuf schema) and a manifest with checksums.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from promptmad import __version__
+from promptmad.errors import ExportError
+from promptmad.export.onnx_export import (
+    GRAPHS,
+    STEP_INPUTS,
+    check_ops,
+    check_parity as run_parity_check,
+    export_graph,
+    reference_outputs,
+    step_tensor_shapes,
+    tensorrt_op_table,
+)
+from promptmad.training.checkpoint import load_model, sha256_file
+
+log = logging.getLogger(__name__)
+
+Runtime = Literal["python-ort", "onnxruntime", "tensorrt"]
+RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class ExportResult:
+    repository: Path
+    manifest: dict
+    parity: dict[str, float] = field(default_factory=dict)
+    unsupported_ops: dict[str, list[str]] = field(default_factory=dict)
+
+
+def parity_frames(info, data: str | Path | None, image_size: int, n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real frames for the parity checks: test images of the run's classes (anomalous ones first),
+    or, without a dataset, the run's own prompt images."""
+    from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
+
+    frames, ids = [], []
+    if data is not None:
+        samples = load_samples(data, split="test", classes=info.classes)
+        samples = sorted(samples, key=lambda s: (-s.label, str(s.image)))
+        picked: dict[str, int] = {}
+        for s in samples:  # spread over classes
+            if picked.get(s.class_name, 0) < max(1, n // max(1, len(info.classes))) and len(frames) < n:
+                frames.append(resize_rgb(read_rgb(s.image), image_size))
+                ids.append(info.classes.index(s.class_name))
+                picked[s.class_name] = picked.get(s.class_name, 0) + 1
+    if not frames:
+        raise ExportError("no frames for the parity check: pass --data DIR (a dataset with a test split of the run's classes)")
+    return np.stack(frames).astype(np.uint8), np.array(ids, dtype=np.int64)
+
+
+def _prompt_images(run_dir: Path, info, image_size: int) -> list[np.ndarray] | None:
+    from promptmad.training.data.datasets import read_rgb, resize_rgb
+
+    paths = [run_dir / "prompt_images" / f"{c}.png" for c in info.classes]
+    if all(p.is_file() for p in paths):
+        return [resize_rgb(read_rgb(p), image_size) for p in paths]
+    return None
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    runtime: Runtime = "python-ort",
+    max_batch: int = 8,
+    data: str | Path | None = None,
+    opset: int = 17,
+    check_parity: bool = True,
+    fp16: bool = True,
+    instance_count: int = 1,
+    ort_threads: int = 0,
+) -> ExportResult:
+    """Exports a run to a Triton model repository at `out_dir` (replaced atomically)."""
+    if runtime not in RUNTIMES:
+        raise ExportError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if not 1 <= max_batch <= 256:
+        raise ExportError(f"--max-batch {max_batch}: must be between 1 and 256")
+    if opset < 17:
+        raise ExportError(f"--opset {opset}: must be >= 17 (LayerNormalization)")
+    if runtime == "tensorrt":
+        from promptmad.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before any work, with the place to run it
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, info = load_model(run_dir)
+    model.eval()
+    cfg = model.cfg
+    shapes = step_tensor_shapes(model)
+
+    with torch.no_grad():
+        text_table = model.text_table.numpy().astype(np.float32)
+        prompt_table = model.prompt_tokens().numpy().astype(np.float32)
+
+    if data is not None:
+        frames, ids = parity_frames(info, data, cfg.image_size)
+    else:
+        imgs = _prompt_images(run_dir, info, cfg.image_size)
+        if imgs is None:
+            raise ExportError("no frames for the parity check: pass --data DIR")
+        frames, ids = np.stack(imgs), np.arange(len(imgs))
+    reference = reference_outputs(model, frames, ids, prompt_table, text_table)
+
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        onnx_paths: dict[str, Path] = {}
+        unsupported: dict[str, list[str]] = {}
+        for step in GRAPHS:
+            onnx_paths[step] = export_graph(model, step, staging / f"{step}.onnx", reference, opset=opset)
+            bad = check_ops(onnx_paths[step])
+            if bad:
+                unsupported[step] = bad
+                msg = f"{step}.onnx uses ops not on ONNX-TensorRT's list: {bad}"
+                if runtime == "tensorrt":
+                    raise ExportError(msg)
+                log.warning("%s (fine for %s, a problem for --runtime tensorrt)", msg, runtime)
+        parity = run_parity_check(onnx_paths, reference) if check_parity else {}
+
+        artifacts: dict[str, Path] = dict(onnx_paths)
+        trt_meta: dict[str, str] = {}
+        if runtime == "tensorrt":
+            from promptmad.export.tensorrt import build_engine, compare_engine, tensorrt_info
+
+            trt_meta = tensorrt_info()
+            cache = staging / "timing.cache"
+            for step, path in onnx_paths.items():
+                plan = build_engine(path, staging / f"{step}.plan", input_shapes={n: shapes[n] for n in STEP_INPUTS[step]},
+                                    max_batch=max_batch, fp16=fp16, timing_cache=cache)
+                compare_engine(plan, path, [{n: reference[n] for n in STEP_INPUTS[step]}])
+                artifacts[step] = plan
+
+        manifest = {
+            "promptmad_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": str(run_dir.resolve()),
+            "checkpoint_sha256": sha256_file(run_dir / "model.safetensors"),
+            "architecture": cfg.to_dict(),
+            "classes": {name: i for i, name in enumerate(info.classes)},
+            "thresholds": info.thresholds,
+            "prompt_templates_sha256": info.prompts.get("sha256", ""),
+            "clip_model": cfg.clip_model,
+            "image_size": cfg.image_size,
+            "opset": opset,
+            "runtime": runtime,
+            "max_batch": max_batch,
+            "onnx_tensorrt_op_table": tensorrt_op_table()["source"],
+            "parity_max_abs_error": parity,
+            **trt_meta,
+        }
+        from promptmad.export.repository import write_repository
+
+        repo = write_repository(
+            out_dir, runtime=runtime, artifacts=artifacts, text_table=text_table, prompt_table=prompt_table,
+            class_names=list(info.classes), thresholds=info.thresholds, image_size=cfg.image_size, max_batch=max_batch,
+            tensor_shapes=shapes, manifest=manifest, instance_count=instance_count, ort_threads=ort_threads,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s -> %s (runtime %s)", run_dir, repo, runtime)
+    return ExportResult(repository=Path(repo), manifest=manifest, parity=parity, unsupported_ops=unsupported)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,147 @@
+"""TensorRT engines for the `tensorrt` runtime (run where TensorRT and a GPU exist, e.g. inside
+`nvcr.io/nvidia/tritonserver:24.10-py3`, the container of the Triton version we target).
+
+- Precision: strongly typed networks. The ONNX graph is first converted to FP16 except for the
+  numerically fragile ops (LayerNorm, Softmax, normalisation statistics, exp/erf/pow/sqrt, the
+  final sigmoid/score), which stay FP32; with a strongly typed network TensorRT keeps exactly
+  those types instead of choosing per layer.
+- One optimisation profile per engine: batch 1 .. max_batch (opt = max_batch // 2 or 1), the
+  per-item shape fixed by the model's image size.
+- A timing cache shared by the three engines speeds up rebuilds.
+- Each engine is accepted only after a Polygraphy comparison (TensorRT vs ONNX Runtime fp32) on
+  real frames within stated tolerances, like `polygraphy run --trt --onnxrt`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from promptmad.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+NGC_HINT = (
+    "TensorRT engines must be built on the GPU that will serve them, with the TensorRT of the serving "
+    "container. Run the export there, e.g.:\n"
+    "  docker run --gpus all --rm -v $PWD:/work -w /work nvcr.io/nvidia/tritonserver:24.10-py3 \\\n"
+    "    bash -c 'pip install -e . && promptmad export --ckpt RUN --out model_repository --runtime tensorrt'\n"
+    "or install TensorRT where a GPU exists (pip install tensorrt). On a CPU-only machine use "
+    "--runtime python-ort (embedded server) or --runtime onnxruntime (NGC container, CPU or GPU)."
+)
+
+# Ops kept in FP32 inside an otherwise FP16 engine.
+FP32_OPS = [
+    "LayerNormalization", "InstanceNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax",
+    "Pow", "Sqrt", "Exp", "Erf", "Div", "Sigmoid", "Tanh",
+]
+
+# TensorRT FP16 vs ONNX Runtime FP32: half precision on features; map/score as probabilities.
+TRT_TOLERANCES = {"default": (5e-2, 5e-2), "anomaly_map_model": (2e-2, 0.0), "anomaly_score": (2e-2, 0.0)}
+
+
+def require_tensorrt():
+    """Imports TensorRT or raises ExportError with the place to run the build."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"--runtime tensorrt needs TensorRT, which is not installed here.\n{NGC_HINT}") from exc
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch always present in this package
+        has_gpu = False
+    if not has_gpu:
+        raise ExportError(f"--runtime tensorrt needs an NVIDIA GPU, and none is visible (CUDA unavailable).\n{NGC_HINT}")
+    return trt
+
+
+def convert_to_mixed_fp16(onnx_path: Path, out_path: Path) -> Path:
+    """FP16 copy of the graph with FP32_OPS (and the I/O) kept in FP32."""
+    import onnx
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise ExportError("FP16 engines need `pip install onnxconverter-common` (used to type the graph)") from exc
+    model = onnx.load(str(onnx_path))
+    mixed = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=False)
+    onnx.save(mixed, str(out_path))
+    return out_path
+
+
+def optimization_profile(input_shapes: dict[str, tuple[int, ...]], max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """min/opt/max shapes per input: batch 1 .. max_batch, per-item shape fixed."""
+    if max_batch < 1:
+        raise ExportError(f"--max-batch {max_batch}: must be >= 1")
+    opt = max(1, max_batch // 2)
+    return {name: ((1, *s), (opt, *s), (max_batch, *s)) for name, s in input_shapes.items()}
+
+
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    *,
+    input_shapes: dict[str, tuple[int, ...]],
+    max_batch: int,
+    fp16: bool = True,
+    timing_cache: Path | None = None,
+    workspace_bytes: int = 4 << 30,
+) -> Path:
+    """Builds and serialises one engine with Polygraphy's TensorRT API."""
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+
+    source = onnx_path
+    if fp16:
+        source = convert_to_mixed_fp16(onnx_path, plan_path.with_suffix(".fp16.onnx"))
+    profile = Profile()
+    for name, (lo, opt, hi) in optimization_profile(input_shapes, max_batch).items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    network = network_from_onnx_path(str(source), strongly_typed=True)
+    config = CreateConfig(
+        profiles=[profile],
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_bytes},
+        load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
+    )
+    engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    save_engine(engine, str(plan_path))
+    log.info("built %s (TensorRT %s)", plan_path, trt.__version__)
+    return plan_path
+
+
+def compare_engine(plan_path: Path, onnx_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """`polygraphy run --trt --onnxrt`: the engine against fp32 ONNX Runtime on real inputs."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    worst: dict[str, float] = {}
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path)))) as trt_runner, OnnxrtRunner(SessionFromOnnx(str(onnx_path))) as ort_runner:
+        for feed in feeds:
+            a, b = trt_runner.infer(feed), ort_runner.infer(feed)
+            for name, ref in b.items():
+                got = np.asarray(a[name], dtype=np.float32)
+                ref = np.asarray(ref, dtype=np.float32)
+                atol, rtol = TRT_TOLERANCES.get(name, TRT_TOLERANCES["default"])
+                err = float(np.abs(got - ref).max())
+                worst[name] = max(err, worst.get(name, 0.0))
+                if err > atol + rtol * float(np.abs(ref).max()):
+                    raise ExportError(
+                        f"TensorRT engine {plan_path.name}: output {name!r} differs from ONNX Runtime by {err:.3g} "
+                        f"(tolerance atol={atol} rtol={rtol}); engine rejected. Try --no-fp16."
+                    )
+    return worst
+
+
+def tensorrt_info() -> dict[str, str]:
+    """TensorRT version and GPU compute capability for the manifest."""
+    trt = require_tensorrt()
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt_version": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}

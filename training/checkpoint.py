@@ -1,0 +1,148 @@
+"""Run directories: safetensors weights + a JSON config (architecture, classes, prompts, calibration).
+
+Layout of a run:
+    RUN/model.safetensors        weights of the whole model (backbone included: self-contained)
+    RUN/config.json              architecture, classes, prompt set, calibration, training settings
+    RUN/prompt_images/<cls>.png  the one normal image per class used as visual prompt
+    RUN/trainer_state.pt         optimizer + step for --resume (tensors only; weights_only load)
+Every file is written to a temporary name and renamed, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from promptmad import __version__
+from promptmad.errors import CheckpointError, UnknownClassError
+from promptmad.training.config import ModelConfig
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class RunInfo:
+    arch: ModelConfig
+    classes: list[str]
+    prompts: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+
+    def class_id(self, name: str) -> int:
+        try:
+            return self.classes.index(name)
+        except ValueError:
+            raise UnknownClassError(f"unknown class {name!r}: this model knows {', '.join(self.classes)}") from None
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self.calibration.get("thresholds", {}))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_run(run_dir: Path, model, info: RunInfo) -> None:
+    from safetensors.torch import save
+
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(run_dir / WEIGHTS, save(state, metadata={"format": "promptmad", "arch": info.arch.name}))
+    info.weights_sha256 = sha256_file(run_dir / WEIGHTS)
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "promptmad_version": __version__,
+        "arch": info.arch.to_dict(),
+        "classes": info.classes,
+        "prompts": info.prompts,
+        "calibration": info.calibration,
+        "training": info.training,
+        "weights_sha256": info.weights_sha256,
+    }
+    atomic_write_text(run_dir / CONFIG, json.dumps(doc, indent=2))
+
+
+def read_run_info(run_dir: Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory (train one with `promptmad train --out {run_dir}`)")
+    if not cfg_path.is_file() or not (run_dir / WEIGHTS).is_file():
+        raise CheckpointError(f"{run_dir}: not a promptmad run (expected {CONFIG} and {WEIGHTS}); did training finish?")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: corrupt JSON ({exc})") from exc
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {doc.get('format_version')} is not {FORMAT_VERSION}; re-train or use a matching promptmad")
+    return RunInfo(
+        arch=ModelConfig.from_dict(doc["arch"]),
+        classes=list(doc["classes"]),
+        prompts=doc.get("prompts", {}),
+        calibration=doc.get("calibration", {}),
+        training=doc.get("training", {}),
+        weights_sha256=doc.get("weights_sha256", ""),
+    )
+
+
+def load_model(run_dir: Path | str, *, device: str = "cpu"):
+    """Returns (model in eval mode, RunInfo). Refuses a checkpoint whose tensors do not fit the
+    architecture in its config (e.g. weights copied from another run)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from promptmad.training.model import build_model
+
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    model = build_model(info.arch, len(info.classes), pretrained_backbone=False)
+    try:
+        state = load_file(str(run_dir / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{run_dir / WEIGHTS}: unreadable safetensors file ({exc})") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        if wrong:
+            k = wrong[0]
+            detail += f" shape of {k}: checkpoint {tuple(state[k].shape)} vs architecture {tuple(expected[k].shape)}"
+        raise CheckpointError(
+            f"{run_dir / WEIGHTS} does not match architecture {info.arch.name!r} in {run_dir / CONFIG} ({detail.strip()}); "
+            "the weights come from another architecture: use that run's config.json or re-train"
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval(), info

@@ -1,0 +1,162 @@
+"""Class text prompts: WinCLIP/AnomalyCLIP-style ensembles encoded by an open_clip text tower.
+
+Per class, every (state word x template) sentence is encoded, each embedding L2-normalised, the
+normal and the anomalous sets averaged separately and re-normalised -> a table [classes, 2, D]
+(index 0 = normal, 1 = anomalous). The table is computed once and stored with the checkpoint, so
+export and serving never need CLIP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
+ANOMALOUS_STATES = (
+    "damaged {}",
+    "broken {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+)
+TEMPLATES = (
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "there is a {} in the scene.",
+    "this is one {} in the scene.",
+)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The sentences used for one class. `defects` adds per-class anomalous phrases
+    (e.g. "scratch" -> "{} with a scratch")."""
+
+    normal_states: tuple[str, ...] = NORMAL_STATES
+    anomalous_states: tuple[str, ...] = ANOMALOUS_STATES
+    templates: tuple[str, ...] = TEMPLATES
+    defects: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def sentences(self, class_name: str) -> tuple[list[str], list[str]]:
+        obj = class_name.replace("_", " ")
+        anomalous = list(self.anomalous_states) + [f"{{}} with a {d.replace('_', ' ')}" for d in self.defects.get(class_name, ())]
+        normal_s = [t.format(s.format(obj)) for s in self.normal_states for t in self.templates]
+        anomalous_s = [t.format(s.format(obj)) for s in anomalous for t in self.templates]
+        return normal_s, anomalous_s
+
+    def to_dict(self) -> dict:
+        return {
+            "normal_states": list(self.normal_states),
+            "anomalous_states": list(self.anomalous_states),
+            "templates": list(self.templates),
+            "defects": {k: list(v) for k, v in self.defects.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptSet":
+        return cls(
+            tuple(d["normal_states"]), tuple(d["anomalous_states"]), tuple(d["templates"]),
+            {k: tuple(v) for k, v in d.get("defects", {}).items()},
+        )
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def create_clip_text_model(clip_model: str, clip_weights: str | Path | None = None):
+    """Builds the open_clip model and tokenizer. Only local weights are loaded (no hub access):
+    without `clip_weights` the text tower is randomly initialised, which keeps the pipeline
+    runnable offline but makes the prompts carry class identity only, not CLIP semantics."""
+    import open_clip
+    import torch
+
+    from promptmad.training.config import clip_config_path
+
+    custom = clip_config_path(clip_model)
+    if custom is not None and clip_model not in open_clip.list_models():
+        open_clip.add_model_config(custom)
+    if clip_model not in open_clip.list_models():
+        from promptmad.errors import ConfigError
+
+        raise ConfigError("clip_model", f"unknown open_clip architecture {clip_model!r}")
+    model = open_clip.create_model(clip_model, pretrained=None)
+    if clip_weights:
+        path = Path(clip_weights)
+        if not path.is_file():
+            from promptmad.errors import CheckpointError
+
+            raise CheckpointError(f"--clip-weights {path}: no such file; pass a local open_clip checkpoint (.safetensors or .pt)")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("visual.")]:
+            from promptmad.errors import CheckpointError
+
+            raise CheckpointError(f"--clip-weights {path}: not a {clip_model} checkpoint (missing text weights such as {missing[0]})")
+        log.info("loaded CLIP weights from %s", path)
+    else:
+        log.warning(
+            "\n" + "!" * 78 + "\n!! No --clip-weights given: the %s text tower is RANDOMLY INITIALISED.\n"
+            "!! Text prompts then only tell classes apart; they carry no CLIP semantics.\n"
+            "!! For production, pass a local open_clip checkpoint with --clip-weights PATH.\n" + "!" * 78,
+            clip_model,
+        )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(clip_model)
+    return model, tokenizer
+
+
+def build_text_table(
+    classes: Sequence[str],
+    *,
+    clip_model: str,
+    clip_weights: str | Path | None = None,
+    prompt_set: PromptSet | None = None,
+    seed: int = 0,
+):
+    """Returns (table [C, 2, D] float32 tensor, prompt_set)."""
+    import torch
+    import torch.nn.functional as F
+
+    prompt_set = prompt_set or PromptSet()
+    torch.manual_seed(seed)  # random-init CLIP must be reproducible
+    model, tokenizer = create_clip_text_model(clip_model, clip_weights)
+    rows = []
+    with torch.no_grad():
+        for name in classes:
+            states = []
+            for sentences in prompt_set.sentences(name):
+                emb = F.normalize(model.encode_text(tokenizer(sentences)).float(), dim=-1)
+                states.append(F.normalize(emb.mean(0), dim=-1))
+            rows.append(torch.stack(states))
+    del model
+    return torch.stack(rows).contiguous(), prompt_set
