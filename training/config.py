@@ -28,11 +28,11 @@ class ModelConfig:
     # open_clip text tower; the text table is computed once at train start and stored in the run.
     clip_model: str = "ViT-B-16"
     # OneNIP-style reconstructor
-    hidden_dim: int = 256
-    num_heads: int = 8
+    hidden_dim: int = 128
+    num_heads: int = 4
     num_encoder_layers: int = 2
     num_decoder_layers: int = 2
-    ffn_dim: int = 1024
+    ffn_dim: int = 512
     neighbor_size: int = 7
     # Segmentor + diffusion refinement
     seg_channels: int = 64

@@ -89,12 +89,13 @@ class TrainStep(nn.Module):
             f4a, f8a, f16a = m.encoder(aug_image)
         prompt_all = m.prompt_tokens()
         b = image.shape[0]
-        feats16 = torch.cat([f16c, f16a])
-        recon, text = m.forward_features(None, None, feats16, torch.cat([class_id, class_id]), prompt_all)
-        loss_rec = reconstruction_loss(recon, torch.cat([f16c, f16c]))
+        # Restoration: from the (possibly) corrupted frame, reconstruct the clean frame's features.
+        # About half of the aug frames carry no anomaly, so this covers plain reconstruction too.
+        recon, text = m.forward_features(None, None, f16a, class_id, prompt_all)
+        loss_rec = reconstruction_loss(recon, f16c)
 
         seg = m.segmentor
-        feats, cond = seg.features(f4a, f8a, f16a, recon[b:], text[b:])
+        feats, cond = seg.features(f4a, f8a, f16a, recon, text)
         s = image.shape[1]
         target = aug_mask[:, None]
 
