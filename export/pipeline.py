@@ -178,6 +178,9 @@ def export_run(
             class_names=list(info.classes), thresholds=info.thresholds, image_size=cfg.image_size, max_batch=max_batch,
             tensor_shapes=shapes, manifest=manifest, instance_count=instance_count, ort_threads=ort_threads,
         )
+        from promptmad.export.manifest import seal_manifest
+
+        manifest = seal_manifest(Path(repo))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s)", run_dir, repo, runtime)
