@@ -66,7 +66,7 @@ def read_mask(path: str | Path) -> np.ndarray:
 def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return np.ascontiguousarray(img)
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)  # writable copy
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
