@@ -21,7 +21,7 @@ def test_wheel_contains_every_subpackage_and_data(tmp_path):
         "promptmad/__init__.py", "promptmad/cli.py", "promptmad/errors.py",
         "promptmad/training/model.py", "promptmad/training/train.py", "promptmad/training/data/synth.py",
         "promptmad/training/configs/default.json", "promptmad/training/configs/tiny.json",
-        "promptmad/training/configs/clip-promptmad-tiny.json",
+        "promptmad/training/configs/clip/promptmad-tiny.json",
         "promptmad/export/pipeline.py", "promptmad/export/data/onnx_tensorrt_ops.json",
         "promptmad/client/__init__.py", "promptmad/benchmarks/__init__.py",
         "promptmad/model_repository/onnx_runner.py",

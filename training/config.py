@@ -81,7 +81,7 @@ class ModelConfig:
 
 def available_archs() -> list[str]:
     files = resources.files("promptmad.training").joinpath("configs")
-    return sorted(p.name[: -len(".json")] for p in files.iterdir() if p.name.endswith(".json") and not p.name.startswith("clip-"))
+    return sorted(p.name[: -len(".json")] for p in files.iterdir() if p.name.endswith(".json"))
 
 
 def load_arch(name_or_path: str | Path) -> ModelConfig:
@@ -101,5 +101,5 @@ def load_arch(name_or_path: str | Path) -> ModelConfig:
 
 def clip_config_path(name: str) -> Path | None:
     """Shipped custom open_clip architectures (the tiny one for tests)."""
-    res = resources.files("promptmad.training").joinpath("configs", f"clip-{name}.json")
+    res = resources.files("promptmad.training").joinpath("configs", "clip", f"{name}.json")
     return Path(str(res)) if res.is_file() else None

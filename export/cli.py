@@ -1,0 +1,123 @@
+"""CLI of the export stage: `promptmad export` and `promptmad serve`."""
+
+from __future__ import annotations
+
+import argparse
+
+NGC_COMMAND = (
+    "docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models "
+    "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models"
+)
+
+
+def register(subparsers) -> None:
+    e = subparsers.add_parser(
+        "export",
+        help="turn a training run into a Triton model repository (ONNX / TensorRT + ensemble)",
+        description=(
+            "Export a run: precompute the per-class prompt tables, export the visual encoder, the "
+            "reconstructor and the segmentor (10 diffusion steps unrolled) to ONNX, check every op "
+            "against ONNX-TensorRT's list and every graph against PyTorch on real frames, build "
+            "TensorRT engines (--runtime tensorrt, GPU + TensorRT only), and write the Triton "
+            "ensemble 'promptmad' (raw frames) and 'promptmad_encoded' (PNG/JPEG bytes) into --out. "
+            "The repository is replaced atomically."
+        ),
+        epilog=f"Serve a tensorrt/onnxruntime repository in the NGC container:\n  {NGC_COMMAND}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--ckpt", required=True, help="run directory written by `promptmad train`")
+    e.add_argument("--out", default="model_repository", help="repository folder to write (default: model_repository)")
+    e.add_argument("--runtime", default="python-ort", choices=["python-ort", "onnxruntime", "tensorrt"],
+                   help="python-ort: embedded server (CPU); onnxruntime / tensorrt: NGC Triton container (default: python-ort)")
+    e.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model = TensorRT profile max (default: 8)")
+    e.add_argument("--data", help="dataset whose test frames are used for the parity checks (default: the run's prompt images)")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    e.add_argument("--instances", type=int, default=1, help="instances of each engine model (default: 1)")
+    e.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance, 0 = all cores (python-ort)")
+    e.add_argument("--no-fp16", action="store_true", help="tensorrt: build FP32 engines")
+    e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
+    e.set_defaults(func=_export)
+
+    s = subparsers.add_parser(
+        "serve",
+        help="start a real Triton server on an exported repository",
+        description=(
+            "Start the tritonserver 2.51 that ships in the nvidia-pytriton wheel (Python backend, "
+            "ensembles) on REPO. Listens on 127.0.0.1 only unless --host is given; models cannot be "
+            "loaded or unloaded remotely (model control mode none). The repository's manifest "
+            "checksums are verified first. Ctrl-C stops the server."
+        ),
+        epilog=f"tensorrt / onnxruntime repositories run in the NGC container instead:\n  {NGC_COMMAND}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--repo", default="model_repository", help="model repository (default: model_repository)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--model-control-mode", default="none", choices=["none", "poll", "explicit"])
+    s.add_argument("--no-verify", action="store_true", help="do not verify the manifest checksums")
+    s.add_argument("--log-verbose", type=int, default=0)
+    s.set_defaults(func=_serve)
+
+
+def _export(args) -> int:
+    from promptmad.export.pipeline import export_run
+
+    result = export_run(
+        args.ckpt, args.out, runtime=args.runtime, max_batch=args.max_batch, data=args.data, opset=args.opset,
+        check_parity=not args.skip_parity, fp16=not args.no_fp16, instance_count=args.instances, ort_threads=args.ort_threads,
+    )
+    print(f"wrote {result.repository} (runtime {args.runtime}, classes {', '.join(result.manifest['classes'])})")
+    if result.parity:
+        print("parity vs PyTorch (max abs error): " + ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items()))
+    if args.runtime == "python-ort":
+        print(f"next: promptmad serve --repo {args.out}")
+    else:
+        print(f"next (NGC container): {NGC_COMMAND}")
+    return 0
+
+
+def _serve(args) -> int:
+    import json
+    import signal
+    import urllib.request
+
+    from promptmad.export.repository import validate_repository
+    from promptmad.export.server import TritonServer
+
+    validate_repository(args.repo)
+    server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, model_control_mode=args.model_control_mode,
+                          log_verbose=args.log_verbose, verify_manifest=not args.no_verify, startup_timeout=300)
+    print(f"starting tritonserver on {args.repo} (log: {server.log_path}) ...", flush=True)
+    server.start()
+    try:
+        req = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            for m in json.loads(r.read()):
+                print(f"  {m['name']:<20} {m.get('state', '?')}")
+    except OSError:
+        pass
+    print(f"ready.  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}\n"
+          "Ctrl-C to stop.", flush=True)
+    stop = {"now": False}
+
+    def _handler(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    import time
+
+    try:
+        while not stop["now"]:
+            if server._proc is None or server._proc.poll() is not None:
+                print("tritonserver exited unexpectedly; last log lines:\n" + "\n".join(server.log_text().splitlines()[-20:]))
+                return 1
+            time.sleep(0.5)
+    finally:
+        print("stopping tritonserver ...", flush=True)
+        server.stop()
+    print("stopped.")
+    return 0

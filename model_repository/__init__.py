@@ -1,0 +1,1 @@
+"""Triton model-repository templates and Python-backend model.py files (package data)."""

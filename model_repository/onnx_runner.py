@@ -1,0 +1,75 @@
+"""Triton Python backend running one exported ONNX graph with ONNX Runtime (runtime `python-ort`,
+the one the embedded pytriton server can run; the NGC container uses onnxruntime_onnx/tensorrt_plan
+models for the same graphs). `promptmad export` copies this file to <step>/1/model.py.
+
+All requests of a dynamic batch are concatenated into one ONNX Runtime run and the outputs split
+back per request. Float inputs with NaN/inf are refused per request.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
+        self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+        self.max_batch = int(config.get("max_batch_size", 0))
+
+    def _read(self, request):
+        arrays = {}
+        for name, dtype in self.inputs:
+            a = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            if a.dtype != dtype:
+                a = a.astype(dtype)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"{name}: contains NaN or inf; send finite values")
+            arrays[name] = a
+        return arrays
+
+    def _run(self, feeds):
+        outs = self.session.run([n for n, _ in self.outputs], feeds)
+        return [o.astype(dtype, copy=False) for o, (_, dtype) in zip(outs, self.outputs)]
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good, batches = [], []
+        for i, request in enumerate(requests):
+            try:
+                batches.append(self._read(request))
+                good.append(i)
+            except Exception as exc:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+        if good:
+            try:
+                feeds = {n: np.concatenate([b[n] for b in batches]) for n, _ in self.inputs}
+                outs = self._run(feeds)
+                start = 0
+                for i, b in zip(good, batches):
+                    size = b[self.inputs[0][0]].shape[0]
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor(name, np.ascontiguousarray(o[start:start + size])) for (name, _), o in zip(self.outputs, outs)])
+                    start += size
+            except Exception:
+                # isolate the failing request instead of failing the whole batch
+                for i, b in zip(good, batches):
+                    try:
+                        outs = self._run(b)
+                        responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                            pb_utils.Tensor(name, o) for (name, _), o in zip(self.outputs, outs)])
+                    except Exception as exc:
+                        responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                            f"onnxruntime failed: {type(exc).__name__}: {exc}"))
+        return responses
