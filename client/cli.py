@@ -1,0 +1,96 @@
+"""`promptmad score`: stream a folder, image list or video to the server; CSV + overlays."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="score frames (folder, image list or video) on a running promptmad server",
+        description=(
+            "Stream frames to a promptmad Triton server over gRPC (ordered, bounded in-flight window, "
+            "reconnects if the server restarts) and write OUT/scores.csv (frame_id, score, verdict, "
+            "threshold, latency_ms, error) plus overlay PNGs of the anomalous frames. SOURCE is a "
+            "folder of images (searched recursively), a text file listing image paths, or a video."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", help="folder, image list (.txt) or video file")
+    p.add_argument("--class", dest="class_name", required=True, help="product class name as trained (see the server's class list)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server address (gRPC port; HTTP port with --protocol http)")
+    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    p.add_argument("--model", default="promptmad")
+    p.add_argument("--out", default="out/score", help="output folder")
+    p.add_argument("--max-in-flight", type=int, default=8, help="frames in flight at once (backpressure window)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-frame timeout in seconds")
+    p.add_argument("--overlays", type=int, default=50, help="at most this many overlay PNGs of anomalous frames")
+    p.set_defaults(func=_score)
+
+
+def _score(args) -> int:
+    import csv
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from promptmad.client import AnomalyClient
+    from promptmad.client.sources import iter_source
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = n_bad = n_err = n_overlay = 0
+    latencies = []
+    with AnomalyClient(args.url, protocol=args.protocol, model=args.model, timeout_s=args.timeout,
+                       max_in_flight=args.max_in_flight) as client, open(out / "scores.csv", "w", newline="") as fh:
+        client.class_id(args.class_name)  # fail fast with the list of known classes
+        frames = list(iter_source(args.source))
+        originals = dict(frames)
+        writer = csv.writer(fh)
+        writer.writerow(["frame_id", "score", "verdict", "threshold", "latency_ms", "error"])
+        for r in tqdm(client.stream(frames, args.class_name, max_in_flight=args.max_in_flight), total=len(frames),
+                      desc=f"score {args.class_name}", dynamic_ncols=True):
+            n += 1
+            if r.error is not None:
+                n_err += 1
+                writer.writerow([r.frame_id, "", "error", f"{r.threshold:.6f}", f"{1000 * r.latency_s:.1f}", str(r.error)])
+                continue
+            latencies.append(r.latency_s)
+            verdict = "anomalous" if r.is_anomalous else "normal"
+            writer.writerow([r.frame_id, f"{r.score:.6f}", verdict, f"{r.threshold:.6f}", f"{1000 * r.latency_s:.1f}", ""])
+            if r.is_anomalous:
+                n_bad += 1
+                if n_overlay < args.overlays:
+                    _overlay(out / "overlays" / (str(r.frame_id).replace("/", "_").rsplit(".", 1)[0] + ".png"),
+                             originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > {r.threshold:.3f}")
+                    n_overlay += 1
+    p50 = 1000 * float(np.median(latencies)) if latencies else float("nan")
+    print(f"{n} frames: {n_bad} anomalous, {n - n_bad - n_err} normal, {n_err} errors; median latency {p50:.0f} ms\n"
+          f"written: {out / 'scores.csv'}" + (f", {n_overlay} overlays in {out / 'overlays'}" if n_overlay else ""))
+    return 0 if n_err == 0 else 1
+
+
+def _overlay(path, frame, amap, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(frame).convert("RGB")) if not isinstance(frame, np.ndarray) else frame
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 2, figsize=(7, 3.4))
+    ax[0].imshow(img)
+    ax[0].set_title("frame")
+    ax[1].imshow(img)
+    ax[1].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    ax[1].set_title("anomaly map")
+    for a in ax:
+        a.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
