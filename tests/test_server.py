@@ -1,0 +1,178 @@
+"""The exported ensemble on a real tritonserver (CPU, python-ort runtime): readiness, parity with
+PyTorch over HTTP and gRPC, mixed frame sizes, encoded bytes, dynamic batching, per-request errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from promptmad.errors import ServeError
+from promptmad.export.repository import ALL_MODELS, validate_repository
+from promptmad.export.server import TritonServer
+from tests.conftest import TINY_CLASSES
+from tests.helpers import frame, png_bytes, pytorch_reference
+
+pytestmark = pytest.mark.server
+
+
+def _infer(client, mod, img, cid, model="promptmad"):
+    if img.dtype == object:
+        i1 = mod.InferInput("image_bytes", list(img.shape), "BYTES")
+    else:
+        i1 = mod.InferInput("image", list(img.shape), {np.uint8: "UINT8", np.float32: "FP32"}[img.dtype.type])
+    i1.set_data_from_numpy(img)
+    i2 = mod.InferInput("class_id", [img.shape[0], 1], "INT32")
+    i2.set_data_from_numpy(np.full((img.shape[0], 1), cid, dtype=np.int32))
+    res = client.infer(model, [i1, i2])
+    return res.as_numpy("anomaly_score"), res.as_numpy("anomaly_map")
+
+
+@pytest.fixture(scope="module")
+def http(triton_server):
+    c = httpclient.InferenceServerClient(triton_server.http_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def grpc(triton_server):
+    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    yield c
+    c.close()
+
+
+def test_every_model_ready(http, tiny_repository):
+    index = {m["name"]: m.get("state") for m in http.get_model_repository_index()}
+    for name in ALL_MODELS:
+        assert index.get(name) == "READY", (name, index)
+    assert http.is_server_ready()
+    validate_repository(tiny_repository)
+
+
+@pytest.mark.parametrize("class_id", range(len(TINY_CLASSES)))
+def test_http_and_grpc_match_pytorch(http, grpc, tiny_run, class_id):
+    img = frame(class_id, 90, 120)
+    ref_score, ref_map = pytorch_reference(tiny_run, img, class_id)
+    for client, mod in ((http, httpclient), (grpc, grpcclient)):
+        score, amap = _infer(client, mod, img[None], class_id)
+        assert score.shape == (1, 1) and amap.shape == (1, 90, 120)
+        assert abs(float(score[0, 0]) - ref_score) < 1e-4
+        assert np.abs(amap[0] - ref_map).max() < 1e-3
+
+
+def test_frames_of_different_sizes_and_batches(grpc, tiny_run):
+    sizes = [(40, 40), (200, 120), (64, 64), (33, 171)]
+    results = {}
+
+    def call(i, h, w):
+        results[i] = _infer(grpc, grpcclient, frame(10 + i, h, w)[None], 1)
+
+    threads = [threading.Thread(target=call, args=(i, h, w)) for i, (h, w) in enumerate(sizes)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i, (h, w) in enumerate(sizes):
+        assert results[i][1].shape == (1, h, w)
+    batch = np.stack([frame(20, 50, 70), frame(21, 50, 70)])
+    score, amap = _infer(grpc, grpcclient, batch, 2)
+    assert score.shape == (2, 1) and amap.shape == (2, 50, 70)
+    assert abs(float(score[1, 0]) - pytorch_reference(tiny_run, batch[1], 2)[0]) < 1e-4
+
+
+def test_encoded_bytes_match_raw_frames(grpc):
+    img = frame(5, 70, 90)
+    raw = _infer(grpc, grpcclient, img[None], 0)
+    enc = _infer(grpc, grpcclient, np.array([[png_bytes(img)]], dtype=object), 0, model="promptmad_encoded")
+    assert abs(float(raw[0][0, 0]) - float(enc[0][0, 0])) < 1e-6
+    assert np.allclose(raw[1], enc[1], atol=1e-6)
+
+
+def test_dynamic_batching_batches_under_concurrent_load(triton_server, grpc):
+    before = {m["name"]: m for m in grpc.get_inference_statistics("visual_encoder", as_json=True)["model_stats"]}["visual_encoder"]
+    img = frame(3, 64, 64)
+    done = []
+    for _ in range(24):
+        i1 = grpcclient.InferInput("image", [1, 64, 64, 3], "UINT8")
+        i1.set_data_from_numpy(img[None])
+        i2 = grpcclient.InferInput("class_id", [1, 1], "INT32")
+        i2.set_data_from_numpy(np.array([[0]], dtype=np.int32))
+        grpc.async_infer("promptmad", [i1, i2], callback=lambda result, error: done.append(error))
+    import time
+
+    deadline = time.time() + 60
+    while len(done) < 24 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(done) == 24 and all(e is None for e in done)
+    after = {m["name"]: m for m in grpc.get_inference_statistics("visual_encoder", as_json=True)["model_stats"]}["visual_encoder"]
+    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert inferences == 24
+    assert executions < inferences, f"no batching: {executions} executions for {inferences} frames"
+
+
+def _bomb_png(w=8000, h=6000) -> bytes:
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, format="PNG")  # tiny file, 48 MP once decoded
+    return buf.getvalue()
+
+
+BAD_REQUESTS = [
+    ("unknown class id", lambda: (frame(1)[None], 99, "promptmad"), "unknown class id 99"),
+    ("negative class id", lambda: (frame(1)[None], -1, "promptmad"), "unknown class id -1"),
+    ("wrong dtype", lambda: (frame(1)[None].astype(np.float32), 0, "promptmad"), "data-type"),
+    ("wrong rank", lambda: (frame(1)[None, ..., 0], 0, "promptmad"), "shape"),
+    ("empty image", lambda: (np.zeros((1, 0, 16, 3), np.uint8), 0, "promptmad"), "empty image"),
+    ("corrupt bytes", lambda: (np.array([[b"\x89PNG\r\n\x1a\n garbage"]], dtype=object), 0, "promptmad_encoded"), "not a decodable image"),
+    ("truncated png", lambda: (np.array([[png_bytes(frame(2))[:200]]], dtype=object), 0, "promptmad_encoded"), "image_bytes[0]"),
+    ("huge frame", lambda: (np.array([[_bomb_png()]], dtype=object), 0, "promptmad_encoded"), "max_pixels"),
+]
+
+
+@pytest.mark.parametrize("name,make,expected", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(http, name, make, expected):
+    img, cid, model = make()
+    with pytest.raises(InferenceServerException) as err:
+        if img.dtype == object:
+            i1 = httpclient.InferInput("image_bytes", list(img.shape), "BYTES")
+        else:
+            i1 = httpclient.InferInput("image", list(img.shape), {np.uint8: "UINT8", np.float32: "FP32"}[img.dtype.type])
+        i1.set_data_from_numpy(img)
+        i2 = httpclient.InferInput("class_id", [img.shape[0], 1], "INT32")
+        i2.set_data_from_numpy(np.full((img.shape[0], 1), cid, dtype=np.int32))
+        http.infer(model, [i1, i2])
+    assert expected.lower() in str(err.value).lower(), str(err.value)
+    score, _ = _infer(http, httpclient, frame(7)[None], 0)  # the next good request is served
+    assert np.isfinite(score).all()
+
+
+def test_port_taken_and_invalid_repository(tiny_repository, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServeError, match="already in use"):
+            TritonServer(tiny_repository, http_port=port).start()
+    broken = tmp_path / "repo"
+    shutil.copytree(tiny_repository, broken)
+    (broken / "segmentor" / "config.pbtxt").unlink()
+    with pytest.raises(ServeError, match="segmentor"):
+        validate_repository(broken)
+    with pytest.raises(ServeError, match="not found"):
+        validate_repository(tmp_path / "nowhere")
+
+
+def test_ensemble_carries_class_names_and_thresholds(http, tiny_run):
+    params = http.get_model_config("promptmad")["parameters"]
+    assert json.loads(params["class_names"]["string_value"]) == list(TINY_CLASSES)
+    info = json.loads((tiny_run / "config.json").read_text())
+    assert json.loads(params["thresholds"]["string_value"]) == pytest.approx(info["calibration"]["thresholds"])
