@@ -13,7 +13,7 @@ fi
 stamp=".venv/.promptmad-installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing promptmad and its dependencies (torch + torchvision are resolved together; ~2-5 min the first time)"
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install -q --upgrade pip "setuptools<81" wheel
   .venv/bin/python -m pip install -q -e ".[test,bench]"
   rm -f .venv/.promptmad-installed-*
   touch "$stamp"

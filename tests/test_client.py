@@ -1,0 +1,195 @@
+"""Client SDK against the real embedded Triton server: ordering, faults, shared memory, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from promptmad.client import (
+    AnomalyClient,
+    AsyncAnomalyClient,
+    InvalidInput,
+    ModelMismatch,
+    RequestTimeout,
+    ServerUnavailable,
+    UnknownClass,
+)
+from promptmad.client.errors import from_triton
+from promptmad.errors import ConfigError
+from promptmad.export.server import TritonServer
+from tests.conftest import TINY_CLASSES
+from tests.helpers import frame, png_bytes, pytorch_reference
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def client(triton_server):
+    with AnomalyClient(triton_server.grpc_url) as c:
+        yield c
+
+
+def test_connect_reads_classes_and_thresholds(client, tiny_run):
+    import json
+
+    assert client.class_names == list(TINY_CLASSES)
+    thresholds = json.loads((tiny_run / "config.json").read_text())["calibration"]["thresholds"]
+    assert client.thresholds == pytest.approx(thresholds)
+    with pytest.raises(UnknownClass, match="the server knows: brick, coffee, gravel"):
+        client.score(frame(0), "zebra")
+
+
+def test_score_matches_pytorch_and_flags_against_threshold(client, tiny_run):
+    img = frame(1, 70, 100)
+    r = client.score(img, "coffee", frame_id="cam0-17")
+    ref, ref_map = pytorch_reference(tiny_run, img, 1)
+    assert r.frame_id == "cam0-17" and r.ok
+    assert abs(r.score - ref) < 1e-4 and r.anomaly_map.shape == (70, 100)
+    assert r.is_anomalous == (r.score > client.thresholds["coffee"])
+    bgr = client.score(np.ascontiguousarray(img[..., ::-1]), "coffee")  # same pixels, BGR order declared
+    with AnomalyClient(client.url, channel_order="bgr") as bgr_client:
+        assert abs(bgr_client.score(np.ascontiguousarray(img[..., ::-1]), "coffee").score - r.score) < 1e-6
+    assert bgr.ok
+
+
+def test_inputs_of_every_kind(client, tmp_path):
+    from PIL import Image
+
+    img = frame(2, 60, 80)
+    path = tmp_path / "f.png"
+    Image.fromarray(img).save(path)
+    scores = [client.score(x, "brick").score for x in (img, Image.fromarray(img), str(path), path, png_bytes(img))]
+    assert max(scores) - min(scores) < 1e-5
+    non_contiguous = np.asfortranarray(img)
+    assert abs(client.score(non_contiguous, "brick").score - scores[0]) < 1e-6
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((10, 10), np.uint8), "not \\[height, width, 3\\]"),
+    (np.zeros((10, 10, 4), np.uint8), "not \\[height, width, 3\\]"),
+    (np.zeros((10, 10, 3), np.float32), "dtype float32"),
+    (np.zeros((0, 10, 3), np.uint8), "empty image"),
+    (b"", "empty bytes"),
+    ("/no/such/file.png", "not found"),
+    (12345, "unsupported type"),
+])
+def test_bad_input_is_rejected_before_the_wire(client, triton_server, bad, match):
+    import tritonclient.http as th
+
+    stats = th.InferenceServerClient(triton_server.http_url)
+    before = stats.get_inference_statistics("promptmad")["model_stats"][0]["inference_count"]
+    with pytest.raises(InvalidInput, match=match):
+        client.score(bad, "brick")
+    assert stats.get_inference_statistics("promptmad")["model_stats"][0]["inference_count"] == before
+
+
+def test_stream_keeps_order_and_accounts_for_every_frame(client):
+    frames = [(f"id-{i}", frame(100 + i, 40 + (i % 5) * 8, 56)) for i in range(40)]
+    frames[13] = ("id-13", np.zeros((5, 5), np.uint8))  # fails client-side: an error result in its slot
+    results = list(client.stream(frames, "gravel", max_in_flight=8))
+    assert [r.frame_id for r in results] == [f"id-{i}" for i in range(40)]
+    assert [i for i, r in enumerate(results) if r.error is not None] == [13]
+    assert isinstance(results[13].error, InvalidInput)
+    assert all(r.anomaly_map.shape == (40 + (i % 5) * 8, 56) for i, r in enumerate(results) if r.ok)
+    same = client.score(frames[0][1], "gravel")
+    assert abs(same.score - results[0].score) < 1e-6
+
+
+def test_score_batch_http_and_grpc_agree(client, triton_server):
+    frames = [frame(200 + i, 48, 48) for i in range(5)]
+    grpc_scores = [r.score for r in client.score_batch(frames, "brick")]
+    with AnomalyClient(triton_server.http_url, protocol="http") as http_client:
+        http_scores = [r.score for r in http_client.score_batch(frames, "brick")]
+        streamed = [r.score for r in http_client.stream(frames, "brick", max_in_flight=3)]
+    assert np.allclose(grpc_scores, http_scores, atol=1e-6) and np.allclose(streamed, http_scores, atol=1e-6)
+
+
+def test_async_client_matches_sync(client, triton_server):
+    img = frame(9)
+
+    async def main():
+        async with AsyncAnomalyClient(triton_server.grpc_url) as ac:
+            one = await ac.score(img, "brick")
+            many = [r async for r in ac.stream([frame(300 + i) for i in range(6)], "brick", max_in_flight=3)]
+            return one, many
+
+    one, many = asyncio.run(main())
+    assert abs(one.score - client.score(img, "brick").score) < 1e-6
+    assert [r.frame_id for r in many] == list(range(6)) and all(r.ok for r in many)
+
+
+def test_shared_memory_round_trip_and_cleanup(triton_server, client):
+    img = frame(11, 300, 400)
+    with AnomalyClient(triton_server.grpc_url, use_shared_memory=True) as shm_client:
+        a = shm_client.score(img, "coffee")
+        b = shm_client.score(frame(12, 100, 100), "coffee")  # reuses the region
+        prefix = shm_client._shm.prefix
+        assert any(prefix in f for f in os.listdir("/dev/shm"))
+        status = shm_client._client.get_system_shared_memory_status(as_json=True)
+        assert any(prefix in r.get("name", "") for r in status.get("regions", {}).values()) or status
+    assert abs(a.score - client.score(img, "coffee").score) < 1e-6 and b.ok
+    assert not any(prefix in f for f in os.listdir("/dev/shm"))
+
+
+def test_model_mismatch_unavailable_and_config_errors(triton_server):
+    with pytest.raises(ModelMismatch, match="'image' missing"):
+        AnomalyClient(triton_server.grpc_url, model="prompt_bank")
+    with pytest.raises(ServerUnavailable):
+        AnomalyClient("127.0.0.1:1")
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        AnomalyClient(triton_server.grpc_url, max_in_flight=0)
+    with pytest.raises(ConfigError, match="url"):
+        AnomalyClient("http://localhost:8001")
+    assert isinstance(from_triton(Exception("Deadline Exceeded"), url="u", model="m"), RequestTimeout)
+
+
+def test_request_timeout_is_typed(triton_server):
+    with AnomalyClient(triton_server.grpc_url, timeout_s=0.001) as c:
+        with pytest.raises(RequestTimeout):
+            c.score(frame(1, 600, 800), "brick")
+
+
+def test_server_killed_and_restarted_mid_stream(tiny_repository):
+    """Every frame gets exactly one result or one explicit error, in order, across a restart."""
+    with TritonServer(tiny_repository) as server:
+        client = AnomalyClient(server.grpc_url, reconnect_timeout_s=90, max_retries=3)
+        n = 30
+        frames = ((f"f{i}", frame(500 + i, 48, 48)) for i in range(n))
+        seen = []
+        restarter = None
+        for r in client.stream(frames, "brick", max_in_flight=6):
+            seen.append(r)
+            if len(seen) == 8 and restarter is None:
+                server.kill()  # hard kill, in-flight frames lost on the server side
+                restarter = threading.Thread(target=lambda: (time.sleep(1.0), server.restart()))
+                restarter.start()
+        restarter.join()
+        assert [r.frame_id for r in seen] == [f"f{i}" for i in range(n)]
+        ok = [r for r in seen if r.ok]
+        assert len(ok) >= n - 6, [str(r.error) for r in seen if not r.ok]
+        assert all(isinstance(r.error, (ServerUnavailable, RequestTimeout)) for r in seen if not r.ok)
+        assert client.score(frame(1), "brick").ok
+        client.close()
+
+
+def test_score_cli_writes_csv_and_overlays(triton_server, tiny_dataset, tmp_path):
+    out = tmp_path / "score"
+    src = tiny_dataset / "brick" / "test"
+    proc = subprocess.run([sys.executable, "-m", "promptmad.cli", "score", str(src), "--class", "brick",
+                           "--url", triton_server.grpc_url, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == len(list(src.rglob("*.png")))
+    assert {r["verdict"] for r in rows} <= {"anomalous", "normal"}
+    n_bad = sum(r["verdict"] == "anomalous" for r in rows)
+    assert len(list((out / "overlays").glob("*.png"))) if n_bad else True
+    assert "frames:" in proc.stdout
