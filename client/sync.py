@@ -202,11 +202,11 @@ class AnomalyClient:
             live = self._client.is_server_live()
         except Exception as exc:
             raise ServerUnavailable(f"cannot reach the Triton server ({exc}); is `promptmad serve` running?", url=self.url) from None
-        if not live or not self._client.is_server_ready():
-            raise ServerUnavailable("the Triton server is not ready yet (models still loading?)", url=self.url)
+        if not live:
+            raise ServerUnavailable("the Triton server is not live", url=self.url)
+        # a live server whose ensemble is not ready: say which step failed rather than "not ready"
         if not self._client.is_model_ready(self.model):
-            raise ModelNotReady(f"model {self.model!r} is not READY; check `promptmad serve` output / the server log for the step that failed",
-                                url=self.url, model=self.model)
+            raise ModelNotReady(f"model {self.model!r} is not READY{self._not_ready_detail()}", url=self.url, model=self.model)
         self._check_metadata()
         self._read_parameters()
         return self
@@ -215,6 +215,18 @@ class AnomalyClient:
         if self.config.protocol == "grpc":
             return fn(*args, as_json=True)
         return fn(*args)
+
+    def _not_ready_detail(self) -> str:
+        """Which models of the repository are not READY, and why (from the repository index)."""
+        try:
+            index = self._client.get_model_repository_index(as_json=True) if self.config.protocol == "grpc" else \
+                self._client.get_model_repository_index()
+            models = index.get("models", index) if isinstance(index, dict) else index
+            bad = [f"{m['name']} ({m.get('state', 'UNKNOWN')}: {m.get('reason', '').strip() or 'no reason given'})"
+                   for m in models if m.get("state") != "READY"]
+        except Exception:
+            return "; check the server log"
+        return (": not ready: " + "; ".join(bad)) if bad else ""
 
     def _check_metadata(self) -> None:
         meta = self._json(self._client.get_model_metadata, self.model)

@@ -125,7 +125,7 @@ def export_run(
         frames, ids = np.stack(imgs), np.arange(len(imgs))
     reference = reference_outputs(model, frames, ids, prompt_table, text_table)
 
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    staging = Path(tempfile.mkdtemp(prefix="promptmad-export-"))  # scratch; the repository itself is staged beside --out
     try:
         onnx_paths: dict[str, Path] = {}
         unsupported: dict[str, list[str]] = {}

@@ -187,8 +187,11 @@ def write_repository(
         tensor_shapes=tensor_shapes, manifest_sha256=hashlib.sha256(manifest_text.encode()).hexdigest(),
         instance_count=instance_count, ort_threads=ort_threads,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    except OSError as exc:
+        raise ExportError(f"{out_dir.parent}: cannot create the repository there ({exc.strerror or exc}); choose another --out") from exc
     try:
         src = templates_dir()
         for model, cfg in configs.items():
@@ -218,6 +221,10 @@ def write_repository(
             if (src / extra).is_file():
                 shutil.copy2(src / extra, stage / extra)
         _swap_into_place(stage, out_dir)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ExportError(f"{out_dir}: cannot write the repository ({exc.strerror or exc}); free disk space, fix permissions "
+                          "or choose another --out; the previous repository (if any) is unchanged") from exc
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -111,6 +111,7 @@ class TritonServer:
         startup_timeout: float = 180.0,
         log_file: str | Path | None = None,
         verify_manifest: bool = False,
+        wait_for: str = "ready",
     ):
         self.repository = Path(repository).resolve()
         self.host = host
@@ -126,6 +127,9 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
         self.verify_manifest = verify_manifest
+        if wait_for not in ("ready", "live"):
+            raise ServeError(f"wait_for {wait_for!r}: 'ready' (all models loaded) or 'live' (process up)")
+        self.wait_for = wait_for
         self._own_log = log_file is None
         self.log_path = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._proc: subprocess.Popen | None = None
@@ -165,7 +169,8 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             f"--model-control-mode={self.model_control_mode}",
             "--strict-readiness=true",
-            "--exit-on-error=true",
+            # a model that fails to load stops the server (ready mode) instead of serving a broken ensemble
+            f"--exit-on-error={'true' if self.wait_for == 'ready' else 'false'}",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
@@ -205,9 +210,9 @@ class TritonServer:
             raise
         return self
 
-    def is_ready(self) -> bool:
+    def is_ready(self, what: str = "ready") -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/{what}", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
@@ -217,7 +222,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
                 raise ServeError(self._failure_message())
-            if self.is_ready():
+            if self.is_ready(self.wait_for):
                 return
             time.sleep(0.25)
         raise ServeError(f"tritonserver did not become ready within {timeout:.0f}s; last log lines:\n{self._tail()}")

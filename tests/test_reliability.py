@@ -1,0 +1,256 @@
+"""Reliability and security (issue 6): systematic bad input, faults, a short soak, safe defaults."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from promptmad.client import AnomalyClient, ModelNotReady
+from promptmad.errors import CheckpointError, ExportError, ServeError
+from promptmad.export.server import TritonServer
+from tests.helpers import frame, png_bytes
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def http(triton_server):
+    c = httpclient.InferenceServerClient(triton_server.http_url)
+    yield c
+    c.close()
+
+
+def _send(http, model, tensors):
+    inputs = []
+    for name, arr, dtype in tensors:
+        i = httpclient.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr, binary_data=True)
+        inputs.append(i)
+    return http.infer(model, inputs)
+
+
+def _good(http):
+    res = _send(http, "promptmad", [("image", frame(1)[None], "UINT8"), ("class_id", np.array([[0]], np.int32), "INT32")])
+    assert np.isfinite(res.as_numpy("anomaly_score")).all()
+
+
+def _img(arr, dtype="UINT8"):
+    return ("image", arr, dtype)
+
+
+def _cid(v, dtype="INT32", np_dtype=np.int32, shape=(1, 1)):
+    return ("class_id", np.full(shape, v, np_dtype), dtype)
+
+
+def _bytes(payload):
+    return ("image_bytes", np.array([[payload]], dtype=object), "BYTES")
+
+
+def _jpeg(img, truncate=None):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG")
+    data = buf.getvalue()
+    return data[:truncate] if truncate else data
+
+
+def _big_png(w, h):
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+F = frame(3, 32, 40)
+# (case id, model, tensors, words the error must contain)
+CASES = [
+    ("image float32", "promptmad", [_img(F[None].astype(np.float32), "FP32"), _cid(0)], "data-type"),
+    ("image float16", "promptmad", [_img(F[None].astype(np.float16), "FP16"), _cid(0)], "data-type"),
+    ("image int32", "promptmad", [_img(F[None].astype(np.int32), "INT32"), _cid(0)], "data-type"),
+    ("image uint16", "promptmad", [_img(F[None].astype(np.uint16), "UINT16"), _cid(0)], "data-type"),
+    ("image bool", "promptmad", [_img(F[None] > 0, "BOOL"), _cid(0)], "data-type"),
+    ("rank 3 (no batch dim)", "promptmad", [_img(F), _cid(0)], "input 'image'"),
+    ("rank 2", "promptmad", [_img(F[..., 0]), _cid(0)], "input 'image'"),
+    ("rank 5", "promptmad", [_img(F[None, None]), _cid(0)], "shape"),
+    ("1 channel", "promptmad", [_img(F[None, ..., :1]), _cid(0)], "shape"),
+    ("4 channels", "promptmad", [_img(np.concatenate([F, F[..., :1]], -1)[None]), _cid(0)], "shape"),
+    ("zero height", "promptmad", [_img(np.zeros((1, 0, 8, 3), np.uint8)), _cid(0)], "empty image"),
+    ("zero width", "promptmad", [_img(np.zeros((1, 8, 0, 3), np.uint8)), _cid(0)], "empty image"),
+    ("class id too large", "promptmad", [_img(F[None]), _cid(3)], "unknown class id 3"),
+    ("class id negative", "promptmad", [_img(F[None]), _cid(-5)], "unknown class id -5"),
+    ("class id int max", "promptmad", [_img(F[None]), _cid(2**31 - 1)], "unknown class id"),
+    ("class id float", "promptmad", [_img(F[None]), _cid(0, "FP32", np.float32)], "data-type"),
+    ("class id int64", "promptmad", [_img(F[None]), _cid(0, "INT64", np.int64)], "data-type"),
+    ("class id two values", "promptmad", [_img(F[None]), _cid(0, shape=(1, 2))], "shape"),
+    ("batch mismatch", "promptmad", [_img(np.stack([F, F])), _cid(0)], "batch"),
+    ("oversize batch", "promptmad", [_img(np.repeat(F[None], 9, 0)), _cid(0, shape=(9, 1))], "batch"),
+    ("missing class id", "promptmad", [_img(F[None])], "class_id"),
+    ("empty bytes", "promptmad_encoded", [_bytes(b""), _cid(0)], "empty payload"),
+    ("random bytes", "promptmad_encoded", [_bytes(np.random.default_rng(0).bytes(500)), _cid(0)], "not a decodable image"),
+    ("text bytes", "promptmad_encoded", [_bytes(b"hello, camera"), _cid(0)], "not a decodable image"),
+    ("truncated png", "promptmad_encoded", [_bytes(png_bytes(F)[:60]), _cid(0)], "image_bytes[0]"),
+    ("truncated jpeg", "promptmad_encoded", [_bytes(_jpeg(frame(4, 64, 64), truncate=300)), _cid(0)], "image_bytes[0]"),
+    ("png header only", "promptmad_encoded", [_bytes(b"\x89PNG\r\n\x1a\n"), _cid(0)], "not a decodable image"),
+    ("decompression bomb", "promptmad_encoded", [_bytes(_big_png(9000, 9000)), _cid(0)], "decompression bomb refused"),
+    ("huge frame", "promptmad_encoded", [_bytes(_big_png(7000, 6000)), _cid(0)], "max_pixels=40000000"),
+    ("bytes to raw ensemble", "promptmad", [_bytes(png_bytes(F)), _cid(0)], "image"),
+    ("encoded with unknown class", "promptmad_encoded", [_bytes(png_bytes(F)), _cid(7)], "unknown class id 7"),
+    ("NaN into segmentor", "reconstructor", [("feat16", None, "FP32"), ("prompt_tokens", None, "FP32"), ("text_embedding", None, "FP32")], "nan or inf"),
+]
+
+
+def _fill_composing(http, tensors):
+    """Real shapes of a composing model's inputs, NaN in the first one."""
+    cfg = http.get_model_config("reconstructor")
+    out = []
+    for (name, arr, dtype), spec in zip(tensors, cfg["input"]):
+        a = np.zeros([1, *spec["dims"]], np.float32)
+        if not out:
+            a[0, 0, 0, 0] = np.nan
+        out.append((name, a, dtype))
+    return out
+
+
+@pytest.mark.parametrize("case,model,tensors,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_table(http, case, model, tensors, expected):
+    if tensors[0][1] is None:
+        tensors = _fill_composing(http, tensors)
+    with pytest.raises(InferenceServerException) as err:
+        _send(http, model, tensors)
+    assert expected.lower() in str(err.value).lower(), f"{case}: {err.value}"
+    _good(http)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(h=st.integers(0, 70), w=st.integers(0, 70), c=st.sampled_from([1, 3, 4]), batch=st.integers(1, 3),
+       cid=st.integers(-3, 6))
+def test_fuzz_frames_never_break_the_server(http, h, w, c, batch, cid):
+    img = np.random.default_rng(h * 1000 + w).integers(0, 255, (batch, h, w, c), dtype=np.uint8)
+    valid = h > 0 and w > 0 and c == 3 and 0 <= cid < 3
+    try:
+        res = _send(http, "promptmad", [_img(img), _cid(cid, shape=(batch, 1))])
+        assert valid, "an invalid request was accepted"
+        assert res.as_numpy("anomaly_map").shape == (batch, h, w)
+    except InferenceServerException as exc:
+        assert not valid, f"valid request refused: {exc}"
+        assert str(exc).strip()
+    _good(http)
+
+
+def test_short_soak_no_failures_and_bounded_memory(triton_server):
+    """15 s at concurrency 8 through the ensemble (the long soak is `python -m promptmad.benchmarks.soak`)."""
+    from promptmad.benchmarks.soak import soak
+
+    report = soak(triton_server, seconds=15, concurrency=8, warmup_s=3)
+    assert report["failed"] == 0 and report["succeeded"] > 20
+    assert report["rss_growth_mib"] < 150, report
+
+
+def test_composing_model_failing_to_load(tiny_repository, tmp_path):
+    broken = tmp_path / "repo"
+    shutil.copytree(tiny_repository, broken)
+    (broken / "segmentor" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    with pytest.raises(ServeError, match="segmentor"):
+        TritonServer(broken, startup_timeout=120).start()
+    with TritonServer(broken, wait_for="live", startup_timeout=120) as server:  # keeps running, not ready
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            index = httpclient.InferenceServerClient(server.http_url).get_model_repository_index()
+            if any(m["name"] == "segmentor" and m.get("state") == "UNAVAILABLE" for m in index):
+                break
+            time.sleep(0.5)
+        assert not server.is_ready()
+        with pytest.raises(ModelNotReady, match="segmentor"):
+            AnomalyClient(server.grpc_url)
+
+
+def test_manifest_checksums_refuse_a_changed_artifact(tiny_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    table = repo / "prompt_bank" / "1" / "prompt_table.npy"
+    arr = np.load(table)
+    np.save(table, arr + 1)
+    with pytest.raises(ServeError, match="prompt_table.npy: changed since export"):
+        TritonServer(repo, verify_manifest=True).start()
+    (repo / "visual_encoder" / "1" / "extra.py").write_text("print('hi')")
+    np.save(table, arr)
+    with pytest.raises(ServeError, match="extra.py: not part of the exported repository"):
+        TritonServer(repo, verify_manifest=True).start()
+
+
+def test_security_defaults(triton_server, http):
+    cmd = " ".join(triton_server.command())
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", "--model-control-mode=none"):
+        assert flag in cmd
+    with pytest.raises(InferenceServerException):
+        http.unload_model("promptmad")  # no remote unload/load in model control mode NONE
+    assert http.is_model_ready("promptmad")
+
+
+def test_no_unsafe_deserialisation_in_the_code():
+    """Checkpoints load as safetensors or torch.load(weights_only=True); no pickle anywhere."""
+    offenders = []
+    for folder in ("training", "export", "client", "benchmarks", "promptmad", "model_repository"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+                if "weights_only=True" not in m.group(1):
+                    offenders.append(f"{path}: {m.group(0)}")
+            if re.search(r"^\s*import pickle|pickle\.loads?\(|allow_pickle=True", text, re.M):
+                offenders.append(f"{path}: pickle")
+    assert not offenders, offenders
+
+
+def test_disk_full_leaves_no_half_checkpoint_or_repository(tiny_run, tiny_repository, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from promptmad.export import repository
+    from promptmad.training.checkpoint import load_model, save_run
+
+    model, info = load_model(tiny_run)
+    run = tmp_path / "run"
+    save_run(run, model, info)
+    before = (run / "model.safetensors").read_bytes()
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_run(run, model, info)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (run / "model.safetensors").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    manifest = (repo / "manifest.json").read_text()
+    calls = {"n": 0}
+    real_copy = shutil.copy2
+
+    def copy_then_fail(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *a, **k)
+
+    monkeypatch.setattr(repository.shutil, "copy2", copy_then_fail)
+    from promptmad.export.pipeline import export_run
+
+    with pytest.raises(ExportError, match="No space left on device"):
+        export_run(tiny_run, repo, max_batch=4, check_parity=False)
+    assert (repo / "manifest.json").read_text() == manifest  # previous repository untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo-")]
