@@ -3,6 +3,8 @@ TensorRT path around the builder (TensorRT itself cannot run here: no GPU, no Te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -118,3 +120,33 @@ def test_mixed_fp16_keeps_fragile_ops_in_fp32_and_stays_accurate(exported, tmp_p
     got = sess.run(None, {n: ref[n] for n in ("feat16", "prompt_tokens", "text_embedding")})[0]
     err = np.abs(got - ref["recon16"]).max()
     assert err < trt_mod.TRT_TOLERANCES["default"][0] + trt_mod.TRT_TOLERANCES["default"][1] * np.abs(ref["recon16"]).max()
+
+
+def test_engine_build_path_with_tensorrt_mocked(exported, tmp_path, monkeypatch):
+    """TensorRT cannot be installed here: mock it and Polygraphy's TensorRT loaders, and check what
+    build_engine asks for (strongly typed network from the mixed-FP16 graph, profile 1..max_batch,
+    workspace limit, shared timing cache, serialised plan)."""
+    import sys
+    import types
+
+    import polygraphy.backend.trt as ptrt
+
+    fake_trt = types.SimpleNamespace(__version__="10.5.0", MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = {}
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", lambda path, strongly_typed=False: calls.update(onnx=path, typed=strongly_typed) or "net")
+    monkeypatch.setattr(ptrt, "CreateConfig", lambda **kw: calls.update(config=kw) or "cfg")
+    monkeypatch.setattr(ptrt, "engine_from_network", lambda net, config=None, save_timing_cache=None: calls.update(cache=save_timing_cache) or b"engine")
+    monkeypatch.setattr(ptrt, "save_engine", lambda engine, path: Path(path).write_bytes(engine))
+    m, _, paths = exported
+    shapes = step_tensor_shapes(m)
+    plan = trt_mod.build_engine(paths["reconstructor"], tmp_path / "reconstructor.plan",
+                                input_shapes={n: shapes[n] for n in ("feat16", "prompt_tokens", "text_embedding")},
+                                max_batch=8, timing_cache=tmp_path / "timing.cache")
+    assert plan.read_bytes() == b"engine"
+    assert calls["typed"] is True and calls["onnx"].endswith(".fp16.onnx")
+    profile = calls["config"]["profiles"][0]
+    assert profile["feat16"].min == (1, *shapes["feat16"]) and profile["feat16"].max == (8, *shapes["feat16"])
+    assert calls["config"]["memory_pool_limits"] == {"WORKSPACE": 4 << 30}
+    assert calls["cache"] == str(tmp_path / "timing.cache")
