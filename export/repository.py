@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +35,23 @@ def _pb():
 
 
 def templates_dir() -> Path:
-    return Path(str(resources.files("promptmad.model_repository")))
+    """The shipped templates folder. find_spec locates it without importing it (an import would
+    write a __pycache__ folder that Triton would then try to load as a model)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("promptmad.model_repository")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError("the promptmad.model_repository templates are missing from this installation; reinstall promptmad")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _template_ignore(directory: str, names: list[str]) -> set[str]:
+    """What not to copy from the templates folder (it may also be a previously exported repository)."""
+    generated = {"__pycache__", "config.pbtxt", "manifest.json", "preprocess_encoded", "promptmad_encoded"}
+    skip = {n for n in names if n in generated or n.endswith((".onnx", ".plan", ".npy", ".tmp"))}
+    if Path(directory).name == "1" and Path(directory).parent.name in ENGINE_STEPS:
+        skip |= {n for n in names if n == "model.py"}  # the ONNX-Runtime runner copy, re-added for python-ort
+    return skip
 
 
 def load_template(model: str):
@@ -194,15 +209,13 @@ def write_repository(
         raise ExportError(f"{out_dir.parent}: cannot create the repository there ({exc.strerror or exc}); choose another --out") from exc
     try:
         src = templates_dir()
+        # the whole template tree (hand-readable config.pbtxt.in, model.py files, README): exporting
+        # into the source folder itself must leave its tracked files in place
+        shutil.copytree(src, stage, ignore=_template_ignore, dirs_exist_ok=True)
         for model, cfg in configs.items():
             d = stage / model
-            (d / "1").mkdir(parents=True)
+            (d / "1").mkdir(parents=True, exist_ok=True)
             (d / "config.pbtxt").write_text(to_pbtxt(cfg))
-            template = src / model / "config.pbtxt.in"
-            if template.is_file():  # keep the hand-readable template next to the final config
-                shutil.copy2(template, d / "config.pbtxt.in")
-        for model in PYTHON_STEPS:
-            shutil.copy2(src / model / "1" / "model.py", stage / model / "1" / "model.py")
         shutil.copy2(src / "preprocess" / "1" / "model.py", stage / "preprocess_encoded" / "1" / "model.py")
         for step in ENGINE_STEPS:
             art = Path(artifacts[step])
@@ -217,9 +230,6 @@ def write_repository(
         np.save(stage / "prompt_bank" / "1" / "text_table.npy", np.ascontiguousarray(text_table, dtype=np.float32))
         np.save(stage / "prompt_bank" / "1" / "prompt_table.npy", np.ascontiguousarray(prompt_table, dtype=np.float32))
         (stage / "manifest.json").write_text(manifest_text)
-        for extra in ("README.md", "onnx_runner.py"):
-            if (src / extra).is_file():
-                shutil.copy2(src / extra, stage / extra)
         _swap_into_place(stage, out_dir)
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
@@ -253,6 +263,10 @@ def validate_repository(path: str | Path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise ServeError(f"{path}: model repository not found; create it with `promptmad export --ckpt RUN --out {path}`")
+    strays = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name not in ALL_MODELS)
+    if strays:
+        raise ServeError(f"{path / strays[0]}: not a model of the promptmad repository; Triton would try to load it. "
+                         "Remove it (a __pycache__ folder is safe to delete)")
     for model in ALL_MODELS:
         cfg = path / model / "config.pbtxt"
         if not cfg.is_file():
