@@ -233,6 +233,7 @@ class TrainDataset:
 
 
 class TestDataset:
+    __test__ = False  # not a pytest test class
     def __init__(self, samples: Sequence[Sample], class_to_id: dict[str, int], image_size: int):
         self.samples = list(samples)
         self.class_to_id = class_to_id
