@@ -73,24 +73,10 @@ def _score(args) -> int:
 
 
 def _overlay(path, frame, amap, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from PIL import Image
 
-    img = np.asarray(Image.open(frame).convert("RGB")) if not isinstance(frame, np.ndarray) else frame
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 2, figsize=(7, 3.4))
-    ax[0].imshow(img)
-    ax[0].set_title("frame")
-    ax[1].imshow(img)
-    ax[1].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    ax[1].set_title("anomaly map")
-    for a in ax:
-        a.axis("off")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    from promptmad.overlay import save_overlay
+
+    img = frame if isinstance(frame, np.ndarray) else np.asarray(Image.open(frame).convert("RGB"))
+    save_overlay(path, img, amap, title=title)

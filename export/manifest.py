@@ -3,23 +3,15 @@ artifact, verified before a repository is served (a changed or swapped file is r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from promptmad.errors import ServeError
+from promptmad.training.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
 # Files whose content decides what the server computes.
 _ARTIFACT_SUFFIXES = {".onnx", ".plan", ".npy", ".py", ".pbtxt"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def artifact_checksums(repo: Path) -> dict[str, str]:
@@ -27,7 +19,7 @@ def artifact_checksums(repo: Path) -> dict[str, str]:
     out = {}
     for p in sorted(repo.rglob("*")):
         if p.is_file() and p.suffix in _ARTIFACT_SUFFIXES and "__pycache__" not in p.parts and not p.name.endswith(".in"):
-            out[p.relative_to(repo).as_posix()] = _sha256(p)
+            out[p.relative_to(repo).as_posix()] = sha256_file(p)
     return out
 
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -185,7 +184,3 @@ def export_run(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s)", run_dir, repo, runtime)
     return ExportResult(repository=Path(repo), manifest=manifest, parity=parity, unsupported_ops=unsupported)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -142,14 +142,7 @@ BAD_REQUESTS = [
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(http, name, make, expected):
     img, cid, model = make()
     with pytest.raises(InferenceServerException) as err:
-        if img.dtype == object:
-            i1 = httpclient.InferInput("image_bytes", list(img.shape), "BYTES")
-        else:
-            i1 = httpclient.InferInput("image", list(img.shape), {np.uint8: "UINT8", np.float32: "FP32"}[img.dtype.type])
-        i1.set_data_from_numpy(img)
-        i2 = httpclient.InferInput("class_id", [img.shape[0], 1], "INT32")
-        i2.set_data_from_numpy(np.full((img.shape[0], 1), cid, dtype=np.int32))
-        http.infer(model, [i1, i2])
+        _infer(http, httpclient, img, cid, model=model)
     assert expected.lower() in str(err.value).lower(), str(err.value)
     score, _ = _infer(http, httpclient, frame(7)[None], 0)  # the next good request is served
     assert np.isfinite(score).all()

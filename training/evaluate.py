@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from promptmad.overlay import save_overlay
 from promptmad.training.checkpoint import atomic_write_text, load_model
 from promptmad.training.metrics import METRIC_NAMES, compute_metrics
 
@@ -26,31 +27,6 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         cells = " | ".join("n/a" if np.isnan(m[k]) else f"{100 * m[k]:.2f}" for k in METRIC_NAMES)
         lines.append(f"| {'**' + name + '**' if name == 'mean' else name} | {cells} |")
     return "\n".join(lines)
-
-
-def save_overlay(path: Path, image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, title: str = "") -> None:
-    """image | ground truth | heat map over the image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    axes[1].imshow(mask if mask is not None else np.zeros(image.shape[:2]), cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title("ground truth")
-    axes[2].imshow(image)
-    axes[2].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    axes[2].set_title("anomaly map")
-    for a in axes:
-        a.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -114,7 +90,7 @@ def evaluate(
             idx = np.concatenate([idx, np.flatnonzero((cls_arr == c) & (labels == 0))])
             for i in idx[:overlays_per_class]:
                 save_overlay(out / "overlays" / f"{c}_{Path(paths[i]).parent.name}_{Path(paths[i]).stem}.png",
-                             images[i], masks[i], maps[i], title=f"{c}: score {scores[i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3f})")
+                             images[i], maps[i], mask=masks[i], title=f"{c}: score {scores[i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3f})")
         del rng
         log.info("wrote %s/metrics.{csv,json,md} and overlays/", out)
     return rows
