@@ -20,7 +20,13 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # perf_analyzer (bundled in the tritonclient 2.51.0 wheel) links Debian's libb64.
-if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+have_libb64() {
+  for d in /usr/lib/x86_64-linux-gnu /lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/lib/aarch64-linux-gnu; do
+    [ -e "$d/libb64.so.0d" ] && return 0
+  done
+  { PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null || true; } | grep -q 'libb64.so.0d'
+}
+if ! have_libb64; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing libb64-0d for perf_analyzer"
     (apt-get install -y -q libb64-0d >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }) \
