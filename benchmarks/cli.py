@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--frames", type=int, default=32, help="distinct frames cycled through")
     p.add_argument("--no-shared-memory", action="store_true", help="skip the system shared-memory sweep")
     p.add_argument("--no-compare", action="store_true", help="skip PyTorch / ONNX Runtime in-process")
+    p.add_argument("--no-per-model", action="store_true", help="skip the sweeps of each composing model")
     p.add_argument("--grpc-url", help="use a running server (with --http-url) instead of starting one")
     p.add_argument("--http-url")
     p.set_defaults(func=_bench)
@@ -47,7 +48,8 @@ def _bench(args) -> int:
     print(check_perf_analyzer())
     url = (args.grpc_url, args.http_url) if args.grpc_url and args.http_url else None
     summary = run_benchmark(args.run, args.repo, args.data, args.out, concurrency=args.concurrency, sizes=tuple(args.sizes),
-                            shared_memory=not args.no_shared_memory, compare=not args.no_compare, n_frames=args.frames, url=url)
+                            shared_memory=not args.no_shared_memory, compare=not args.no_compare, n_frames=args.frames, url=url,
+                            per_model=not args.no_per_model)
     from promptmad.benchmarks.compare import format_markdown
 
     print(format_markdown(summary))

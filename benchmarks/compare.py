@@ -178,6 +178,50 @@ def peak_rss_mib(pid: int) -> float:
     return total / 1024
 
 
+def composing_inputs(repo, frames, class_ids, n: int = 4) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Real per-item input tensors of every composing model, computed from real frames by the
+    exported graphs in-process (so perf_analyzer feeds each step what the ensemble would)."""
+    import onnxruntime as ort
+
+    from promptmad.training.data.datasets import resize_rgb
+
+    repo = Path(repo)
+    sess = {s: ort.InferenceSession(str(repo / s / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+            for s in ("visual_encoder", "reconstructor")}
+    text = np.load(repo / "prompt_bank" / "1" / "text_table.npy")
+    prompts = np.load(repo / "prompt_bank" / "1" / "prompt_table.npy")
+    size = sess["visual_encoder"].get_inputs()[0].shape[1]
+    out: dict[str, list[dict[str, np.ndarray]]] = {k: [] for k in ("preprocess", "prompt_bank", "visual_encoder", "reconstructor", "segmentor")}
+    for frame, cid in list(zip(frames, class_ids))[:n]:
+        x = resize_rgb(frame, size)
+        f4, f8, f16 = sess["visual_encoder"].run(None, {"frame": x[None]})
+        t, p = text[cid][None], prompts[cid][None]
+        (rec,) = sess["reconstructor"].run(None, {"feat16": f16, "prompt_tokens": p, "text_embedding": t})
+        out["preprocess"].append({"image": frame})
+        out["prompt_bank"].append({"class_id": np.array([cid], np.int32)})
+        out["visual_encoder"].append({"frame": x})
+        out["reconstructor"].append({"feat16": f16[0], "prompt_tokens": p[0], "text_embedding": t[0]})
+        out["segmentor"].append({"feat4": f4[0], "feat8": f8[0], "feat16": f16[0], "recon16": rec[0], "text_embedding": t[0]})
+    return out
+
+
+def sweep_composing(repo, grpc_url, frames, class_ids, out: Path, size: int, concurrency=(1, 4, 1)) -> dict[str, dict]:
+    """One perf_analyzer sweep per composing model; returns each model's best point."""
+    from promptmad.benchmarks.perf_analyzer import build_tensor_input_data
+
+    best = {}
+    for model, feeds in composing_inputs(repo, frames, class_ids).items():
+        data = build_tensor_input_data(feeds, out / f"input_{model}_{size}.json")
+        csv_path = out / f"perf_{model}_{size}.csv"
+        argv = build_argv(model, grpc_url, input_data=data, concurrency_range=concurrency, measurement_request_count=30,
+                          stability_percentage=100, csv_out=csv_path)
+        (out / f"perf_{model}_{size}.log").write_text(run(argv))
+        rows = parse_csv(csv_path)
+        b = max(rows, key=lambda r: r["Inferences/Second"])
+        best[model] = {k: b.get(k) for k in ("Concurrency", "Inferences/Second", "p50 latency", "p99 latency")}
+    return best
+
+
 @dataclass
 class SweepResult:
     label: str
@@ -224,6 +268,7 @@ def run_benchmark(
     compare: bool = True,
     n_frames: int = 32,
     url: tuple[str, str] | None = None,
+    per_model: bool = True,
 ) -> dict:
     """Runs everything, writes results.json/results.md/CSVs/plots into `out`, returns the summary."""
     from promptmad.benchmarks.plots import plot_breakdown, plot_sweeps
@@ -271,6 +316,9 @@ def run_benchmark(
                     "triton_c1_vs_onnxruntime_b1": res["triton_c1"]["Inferences/Second"] / res["onnxruntime_b1"]["fps"],
                     "triton_best_vs_onnxruntime_b1": best / res["onnxruntime_b1"]["fps"],
                 }
+            if per_model:
+                res["composing_best"] = sweep_composing(repo, grpc_url, frames, ids, out, size,
+                                                        concurrency=(1, min(4, concurrency[1]), 1))
             plot_sweeps(sweeps, out / f"throughput_latency_{size}.png", title=f"promptmad ensemble, {size}x{size} frames")
             plot_breakdown(res["step_breakdown"], out / f"step_breakdown_{size}.png", title=f"per-step time per frame, {size}x{size}")
             summary["results"][str(size)] = res
@@ -303,6 +351,11 @@ def format_markdown(summary: dict) -> str:
     for size, r in summary["results"].items():
         lines.append(f"{size}x{size}: " + ", ".join(f"{k} {v['compute_ms_per_frame']:.1f} ms (+{v['queue_ms_per_frame']:.1f} queued, "
                                                       f"avg batch {v['avg_batch']:.1f})" for k, v in r["step_breakdown"].items()))
+    lines += ["", "Each composing model alone (perf_analyzer on real intermediate tensors, best concurrency <= 4):", ""]
+    for size, r in summary["results"].items():
+        if r.get("composing_best"):
+            lines.append(f"{size}x{size}: " + ", ".join(f"{k} {v['Inferences/Second']:.0f}/s (p99 {v['p99 latency'] / 1000:.0f} ms)"
+                                                          for k, v in r["composing_best"].items()))
     if "server_peak_rss_mib" in summary:
         lines += ["", f"Server peak resident memory (tritonserver + Python-backend stubs, VmHWM): {summary['server_peak_rss_mib']:.0f} MiB"]
     return "\n".join(lines) + "\n"
