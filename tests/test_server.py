@@ -169,3 +169,33 @@ def test_ensemble_carries_class_names_and_thresholds(http, tiny_run):
     assert json.loads(params["class_names"]["string_value"]) == list(TINY_CLASSES)
     info = json.loads((tiny_run / "config.json").read_text())
     assert json.loads(params["thresholds"]["string_value"]) == pytest.approx(info["calibration"]["thresholds"])
+
+
+def test_serve_command_starts_prints_urls_and_stops_on_ctrl_c(tiny_repository):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from promptmad.export.server import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "promptmad.cli", "serve", "--repo", str(tiny_repository),
+                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("ready."):
+            break
+    text = "".join(lines)
+    assert f"gRPC 127.0.0.1:{ports[1]}" in text and f"HTTP 127.0.0.1:{ports[0]}" in text, text
+    assert "promptmad            READY" in text
+    assert httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}").is_server_ready()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped." in rest
