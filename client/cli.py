@@ -64,7 +64,7 @@ def _score(args) -> int:
                 n_bad += 1
                 if n_overlay < args.overlays:
                     _overlay(out / "overlays" / (str(r.frame_id).replace("/", "_").rsplit(".", 1)[0] + ".png"),
-                             originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > {r.threshold:.3f}")
+                             originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > threshold {r.threshold:.3g}")
                     n_overlay += 1
     p50 = 1000 * float(np.median(latencies)) if latencies else float("nan")
     print(f"{n} frames: {n_bad} anomalous, {n - n_bad - n_err} normal, {n_err} errors; median latency {p50:.0f} ms\n"

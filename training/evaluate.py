@@ -90,7 +90,7 @@ def evaluate(
             idx = np.concatenate([idx, np.flatnonzero((cls_arr == c) & (labels == 0))])
             for i in idx[:overlays_per_class]:
                 save_overlay(out / "overlays" / f"{c}_{Path(paths[i]).parent.name}_{Path(paths[i]).stem}.png",
-                             images[i], maps[i], mask=masks[i], title=f"{c}: score {scores[i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3f})")
+                             images[i], maps[i], mask=masks[i], title=f"{c}: score {scores[i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3g})")
         del rng
         log.info("wrote %s/metrics.{csv,json,md} and overlays/", out)
     return rows
