@@ -32,8 +32,10 @@ def register(subparsers) -> None:
     e.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model = TensorRT profile max (default: 8)")
     e.add_argument("--data", help="dataset whose test frames are used for the parity checks (default: the run's prompt images)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
-    e.add_argument("--instances", type=int, default=1, help="instances of each engine model (default: 1)")
-    e.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance, 0 = all cores (python-ort)")
+    e.add_argument("--instances", type=int, help="instances of each engine model (default: 2 for the segmentor with python-ort, else 1)")
+    e.add_argument("--ort-threads", type=int, default=1,
+                   help="python-ort: ONNX Runtime threads per instance (default 1: the steps run in parallel as a pipeline, "
+                        "so one thread each keeps them from fighting over the cores; 0 = all cores)")
     e.add_argument("--no-fp16", action="store_true", help="tensorrt: build FP32 engines")
     e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
     e.set_defaults(func=_export)

@@ -90,8 +90,8 @@ def export_run(
     opset: int = 17,
     check_parity: bool = True,
     fp16: bool = True,
-    instance_count: int = 1,
-    ort_threads: int = 0,
+    instance_count: int | None = None,
+    ort_threads: int = 1,
 ) -> ExportResult:
     """Exports a run to a Triton model repository at `out_dir` (replaced atomically)."""
     if runtime not in RUNTIMES:

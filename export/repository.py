@@ -107,6 +107,13 @@ def _encoded_variant(cfg, *, ensemble: bool):
     return out
 
 
+def default_instances(runtime: str) -> dict[str, int]:
+    """Instances per engine step when --instances is not given. On CPU (python-ort) the steps form
+    a pipeline whose slowest stage is the segmentor (10 unrolled denoiser steps): two instances of
+    it, one ONNX-Runtime thread per instance, measured fastest on 2 cores (benchmarks/README.md)."""
+    return {"segmentor": 2} if runtime == "python-ort" else {}
+
+
 def build_configs(
     *,
     runtime: str,
@@ -116,8 +123,8 @@ def build_configs(
     max_batch: int,
     tensor_shapes: dict[str, tuple[int, ...]],
     manifest_sha256: str,
-    instance_count: int = 1,
-    ort_threads: int = 0,
+    instance_count: int | None = None,
+    ort_threads: int = 1,
 ) -> dict[str, object]:
     """ModelConfig messages of every model, keyed by model name."""
     pb = _pb()
@@ -146,7 +153,7 @@ def build_configs(
                 _set_param(cfg, "intra_op_threads", str(ort_threads))
             del cfg.instance_group[:]
             group = cfg.instance_group.add()
-            group.count = instance_count
+            group.count = instance_count or default_instances(runtime).get(model, 1)
             group.kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
             # warm the engine up with one zero batch before the model reports READY
             warm = cfg.model_warmup.add()
@@ -183,8 +190,8 @@ def write_repository(
     max_batch: int,
     tensor_shapes: dict[str, tuple[int, ...]],
     manifest: dict,
-    instance_count: int = 1,
-    ort_threads: int = 0,
+    instance_count: int | None = None,
+    ort_threads: int = 1,
 ) -> Path:
     """Writes a complete repository at `out_dir` (atomically replacing an existing one) and
     returns its path. `out_dir` may be the source `model_repository/` folder itself."""

@@ -199,3 +199,12 @@ def test_serve_command_starts_prints_urls_and_stops_on_ctrl_c(tiny_repository):
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "stopped." in rest
+
+
+def test_cpu_pipeline_defaults(http):
+    """python-ort: one ORT thread per step instance and two segmentor instances (the slowest stage)."""
+    seg = http.get_model_config("segmentor")
+    enc = http.get_model_config("visual_encoder")
+    assert seg["instance_group"][0]["count"] == 2 and enc["instance_group"][0]["count"] == 1
+    assert seg["parameters"]["intra_op_threads"]["string_value"] == "1"
+    assert seg["max_batch_size"] == 4 and "dynamic_batching" in seg
