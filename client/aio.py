@@ -38,8 +38,7 @@ class AsyncAnomalyClient:
         import tritonclient.grpc.aio as aio
 
         c = self.config
-        self._client = aio.InferenceServerClient(c.url, ssl=c.ssl, root_certificates=c.root_certificates,
-                                                 private_key=c.private_key, certificate_chain=c.certificate_chain)
+        self._client = aio.InferenceServerClient(c.url, **c.grpc_kwargs())
         try:
             ready = await self._client.is_server_ready()
         except Exception as exc:

@@ -69,6 +69,11 @@ class ClientConfig:
         if self.ssl and self.protocol != "grpc":
             raise ConfigError("ssl", "the ssl options are for gRPC; for HTTPS put a TLS proxy in front and use its URL")
 
+    def grpc_kwargs(self) -> dict:
+        """Arguments of tritonclient's gRPC clients (sync and asyncio) for this config."""
+        return {"ssl": self.ssl, "root_certificates": self.root_certificates, "private_key": self.private_key,
+                "certificate_chain": self.certificate_chain}
+
 
 @dataclass(frozen=True)
 class AnomalyResult:
@@ -187,8 +192,7 @@ class AnomalyClient:
         if c.protocol == "grpc":
             import tritonclient.grpc as tc
 
-            return tc.InferenceServerClient(c.url, ssl=c.ssl, root_certificates=c.root_certificates,
-                                            private_key=c.private_key, certificate_chain=c.certificate_chain)
+            return tc.InferenceServerClient(c.url, **c.grpc_kwargs())
         import tritonclient.http as th
 
         return th.InferenceServerClient(c.url, connection_timeout=c.timeout_s, network_timeout=c.timeout_s,
