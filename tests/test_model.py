@@ -141,3 +141,22 @@ def test_real_imagenet_backbone_weights_load():
     assert not torch.allclose(w1, w2)
     bn_mean = enc.body.state_dict()["bn1.running_mean"]
     assert bn_mean.abs().sum() > 0  # trained statistics, not the init zeros
+
+
+def test_efficientnet_b4_from_a_local_weights_file(tmp_path):
+    """`backbone: efficientnet_b4` loads a local state dict (safetensors here); missing file -> clear error."""
+    import timm
+    from safetensors.torch import save_file
+
+    from promptmad.training.model import VisualEncoder
+
+    torch.manual_seed(1)
+    src = timm.create_model("efficientnet_b4", pretrained=False)
+    path = tmp_path / "efficientnet_b4.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    enc = VisualEncoder(load_arch("default").replace(backbone="efficientnet_b4", backbone_weights=str(path)))
+    assert torch.equal(enc.body.state_dict()["conv_stem.weight"], src.state_dict()["conv_stem.weight"])
+    f4, f8, f16 = enc(torch.zeros(1, 224, 224, 3, dtype=torch.uint8))
+    assert f16.shape[1] == sum(enc.channels) and f16.shape[-1] == 14
+    with pytest.raises(CheckpointError, match="no such file"):
+        VisualEncoder(load_arch("default").replace(backbone="efficientnet_b4", backbone_weights=str(tmp_path / "nope.pth")))

@@ -83,9 +83,13 @@ class VisualEncoder(nn.Module):
                 from promptmad.errors import CheckpointError
 
                 raise CheckpointError(f"backbone_weights: {len(src)} tensors, {cfg.backbone} has {len(dst)}")
-            # Keys differ in naming only (lukemelas-style -> timm); the order and shapes match.
+            # A timm-named file loads by name; the efficientnet-liteN packages use lukemelas-style
+            # names whose order and shapes match timm's, so they map in order.
+            src = {k.removeprefix("module."): v for k, v in src.items()}
+            pairs = [(k, src[k], k, dst[k]) for k in dst] if set(src) == set(dst) else \
+                [(sk, sv, dk, dv) for (sk, sv), (dk, dv) in zip(src.items(), dst.items())]
             mapped = {}
-            for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+            for sk, sv, dk, dv in pairs:
                 if sv.shape != dv.shape:
                     from promptmad.errors import CheckpointError
 
