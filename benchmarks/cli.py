@@ -1,57 +1,145 @@
-"""`promptmad bench`: perf_analyzer sweeps + side-by-side comparison + plots."""
+"""``promptmad bench``: perf_analyzer sweeps of the served ensemble, side by side with PyTorch eager and
+in-process ONNX Runtime on the same frames and machine, plus plots."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import math
+import textwrap
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  # everything, on the repository exported from runs/default (starts its own server):
+  promptmad bench --repo model_repository --run runs/default --data data/synth --out bench_results
+
+  # only the served ensemble, against a server that is already running (gRPC port 8001):
+  promptmad bench --url 127.0.0.1:8001 --data data/synth --no-compare --no-per-model
+
+  # a wider sweep at the camera's resolution:
+  promptmad bench --repo model_repository --data data/synth --image-size 640 --concurrency 1:16:2
+
+what is written to --out:
+  results.md       the table to paste into a report (machine, FPS, latencies, ratios, per-step costs)
+  results.json     every number, including each perf_analyzer row
+  comparison.csv   one row per frame size and system (PyTorch, ONNX Runtime, Triton)
+  perf_*.csv/.log  raw perf_analyzer output; input_*.json the frames it sent
+  throughput_latency_<size>.png, step_latency_<size>.png, step_breakdown_<size>.png
+
+Run it on an otherwise idle machine: anything else using the CPU lowers every figure.
+perf_analyzer comes from the tritonclient==2.51.0 wheel and needs `apt-get install libb64-0d`
+and `pip install nvidia-cuda-runtime-cu12` (bash scripts/setup.sh installs both).
+"""
 
 
 def _range(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.split(":")]
-    if len(parts) == 2:
+    try:
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = [parts[0], parts[0], 1]
+    elif len(parts) == 2:
         parts.append(1)
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"{text!r}: use START:END[:STEP], e.g. 1:8:1")
-    return tuple(parts)  # type: ignore[return-value]
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] or parts[2] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use START:END[:STEP] with 1 <= START <= END, e.g. 1:8 or 1:16:2")
+    return parts[0], parts[1], parts[2]
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="benchmark: perf_analyzer sweeps on the served ensemble vs PyTorch and ONNX Runtime",
-        description=(
-            "Start a Triton server on REPO (or use --grpc-url/--http-url of a running one), generate "
-            "perf_analyzer input data from real dataset frames, sweep concurrency over gRPC (and with "
-            "system shared memory), measure PyTorch eager and in-process ONNX Runtime on the same frames "
-            "and machine, and write results.md/results.json, perf CSVs and PNG plots into --out."
+        help="benchmark the served ensemble (perf_analyzer) against PyTorch and ONNX Runtime",
+        description=textwrap.fill(
+            "Measure how many frames per second the served promptmad ensemble handles and at what latency. "
+            "Starts a Triton server on --repo (or uses the running one at --url), sends real test frames of "
+            "--data with perf_analyzer over gRPC at increasing concurrency (with and without system shared "
+            "memory), measures each composing model alone, and measures PyTorch eager (--run) and in-process "
+            "ONNX Runtime on the same frames, one frame at a time. Results and plots go to --out.",
+            width=100,
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="training run (for PyTorch eager and class names)")
-    p.add_argument("--repo", default="model_repository", help="exported python-ort repository")
-    p.add_argument("--data", required=True, help="dataset whose test frames are used")
-    p.add_argument("--out", default="bench_results")
-    p.add_argument("--concurrency", type=_range, default=(1, 8, 1), help="START:END:STEP")
-    p.add_argument("--sizes", type=int, nargs="+", default=[256], help="frame sizes to send (the training size is always added)")
-    p.add_argument("--frames", type=int, default=32, help="distinct frames cycled through")
-    p.add_argument("--no-shared-memory", action="store_true", help="skip the system shared-memory sweep")
-    p.add_argument("--no-compare", action="store_true", help="skip PyTorch / ONNX Runtime in-process")
-    p.add_argument("--no-per-model", action="store_true", help="skip the sweeps of each composing model")
-    p.add_argument("--grpc-url", help="use a running server (with --http-url) instead of starting one")
-    p.add_argument("--http-url")
+    g = p.add_argument_group("what to benchmark")
+    g.add_argument("--repo", default="model_repository",
+                   help="exported model repository to serve (default: model_repository); its ONNX graphs are also "
+                        "used for the in-process ONNX Runtime figure")
+    g.add_argument("--url", "--grpc-url", dest="url", metavar="HOST:PORT",
+                   help="gRPC address of a running Triton server; no server is started")
+    g.add_argument("--server-pid", type=int, help="with --url: pid of that server, for its peak memory")
+    g.add_argument("--run", help="training run for the PyTorch eager figure (default: the checkpoint named in the "
+                                 "repository's manifest.json)")
+    g.add_argument("--data", help="dataset whose test frames are sent (default: the run's training data)")
+    m = p.add_argument_group("how")
+    m.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
+    m.add_argument("--concurrency", type=_range, default=(1, 8, 1), metavar="START:END[:STEP]",
+                   help="requests in flight to sweep (default: 1:8:1)")
+    m.add_argument("--image-size", "--sizes", dest="sizes", type=int, nargs="+", default=[256], metavar="PX",
+                   help="frame sizes (square) to send; the model's own size is always added (default: 256)")
+    m.add_argument("--frames", type=int, default=32, help="distinct test frames cycled through (default: 32)")
+    m.add_argument("--request-count", type=int, default=40,
+                   help="requests per perf_analyzer measurement window (count_windows; default: 40)")
+    m.add_argument("--baseline-seconds", type=float, default=8.0,
+                   help="seconds each in-process baseline runs per frame size (default: 8)")
+    m.add_argument("--torch-device", default="cpu", help="device of the PyTorch eager baseline: cpu or cuda (default: cpu)")
+    m.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also sweep with --shared-memory system (client and server on this host; default: on)")
+    m.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure PyTorch eager and ONNX Runtime in-process (default: on)")
+    m.add_argument("--per-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="also sweep each composing model alone at concurrency 1..4 (default: on)")
     p.set_defaults(func=_bench)
 
 
+def _manifest_defaults(repo: Path) -> tuple[str | None, str | None]:
+    """(run, data) recorded by the export: the manifest's checkpoint and that run's training data."""
+    run = data = None
+    try:
+        run = json.loads((repo / "manifest.json").read_text()).get("checkpoint")
+    except (OSError, ValueError):
+        return None, None
+    if run and Path(run).is_dir():
+        try:
+            data = json.loads((Path(run) / "config.json").read_text()).get("training", {}).get("data")
+        except (OSError, ValueError):
+            data = None
+    return (run if run and Path(run).is_dir() else None), (data if data and Path(data).is_dir() else None)
+
+
 def _bench(args) -> int:
-    from promptmad.benchmarks.compare import run_benchmark
+    from promptmad.benchmarks.compare import format_markdown, run_benchmark
     from promptmad.benchmarks.perf_analyzer import check_perf_analyzer
 
     print(check_perf_analyzer())
-    url = (args.grpc_url, args.http_url) if args.grpc_url and args.http_url else None
-    summary = run_benchmark(args.run, args.repo, args.data, args.out, concurrency=args.concurrency, sizes=tuple(args.sizes),
-                            shared_memory=not args.no_shared_memory, compare=not args.no_compare, n_frames=args.frames, url=url,
-                            per_model=not args.no_per_model)
-    from promptmad.benchmarks.compare import format_markdown
-
+    repo = Path(args.repo) if args.repo else None
+    if repo is not None and not repo.is_dir():
+        if args.url is None:
+            raise SystemExit(f"--repo {repo}: no such model repository (export one with `promptmad export --ckpt RUN --out {repo}`)")
+        repo = None
+    run, data = args.run, args.data
+    if repo is not None and (run is None or data is None):
+        m_run, m_data = _manifest_defaults(repo)
+        run = run or m_run
+        data = data or m_data
+        if args.run is None and run:
+            print(f"--run not given: using the repository's checkpoint {run}")
+        if args.data is None and data:
+            print(f"--data not given: using the run's training data {data}")
+    if data is None:
+        raise SystemExit("--data is needed: the dataset whose test frames are sent (e.g. --data data/synth)")
+    summary = run_benchmark(run, repo, data, args.out, concurrency=args.concurrency, sizes=tuple(args.sizes),
+                            shared_memory=args.shared_memory, compare=args.compare, n_frames=args.frames, url=args.url,
+                            server_pid=args.server_pid, per_model=args.per_model, request_count=args.request_count,
+                            baseline_seconds=args.baseline_seconds, torch_device=args.torch_device)
     print(format_markdown(summary))
-    print(f"written: {args.out}/results.md, results.json, perf_*.csv, *.png")
+    for size, r in summary["results"].items():
+        ratios = {k: v for k, v in r.get("ratios", {}).items() if not math.isnan(v)}
+        if ratios:
+            print(f"{size}x{size} FPS ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"written: {args.out}/results.md, results.json, comparison.csv, perf_*.csv, *.png")
     return 0

@@ -1,6 +1,22 @@
-"""perf_analyzer 2.51 (bundled in the tritonclient==2.51.0 wheel): locate it, give it the libraries
-it links (Debian's libb64, libcudart.so.12 from nvidia-cuda-runtime-cu12), build its --input-data
-JSON from real frames, build argv, run it and parse its CSV."""
+"""perf_analyzer 2.51 (the binary bundled in the ``tritonclient==2.51.0`` wheel): find it, give it the
+libraries it links, build its ``--input-data`` JSON from real frames, build its argv, run it and
+parse what it writes.
+
+How it runs on a CPU-only machine (verified on Debian 12, glibc 2.36):
+
+- the binary is installed by the wheel into the environment's ``bin/`` (``.venv/bin/perf_analyzer``);
+- it links ``libb64.so.0d``: Debian/Ubuntu package ``libb64-0d`` (``apt-get install libb64-0d``);
+- it links ``libcudart.so.12`` even without a GPU: the PyPI wheel ``nvidia-cuda-runtime-cu12``
+  provides it under ``site-packages/nvidia/cuda_runtime/lib``, which :func:`perf_env` puts on
+  ``LD_LIBRARY_PATH``;
+- the newer standalone ``perf-analyzer`` wheels need glibc >= 2.38 and do not run on Debian 12.
+
+Outputs: ``-f`` CSV (one row per concurrency, sorted by perf_analyzer by *throughput*, not by
+concurrency: :func:`parse_csv` sorts them back), and the text report on stdout, the only place
+where perf_analyzer 2.51 prints the per-composing-model breakdown of an ensemble (``--verbose-csv``
+adds ``Avg latency``, ``request/response`` and ``response wait`` columns, not the composing models):
+:func:`parse_report` reads it.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +25,13 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -21,163 +39,381 @@ from promptmad.errors import PromptMADError
 
 log = logging.getLogger(__name__)
 
+PERF_ANALYZER_VERSION = "2.51"
+
+INSTALL_HINTS = {
+    "binary": "perf_analyzer ships in the tritonclient==2.51.0 wheel: `pip install 'tritonclient[all]==2.51.0'` "
+              "(bash scripts/setup.sh does this), or set PERF_ANALYZER=/path/to/perf_analyzer",
+    "libb64": "perf_analyzer links Debian's libb64: `apt-get install libb64-0d` (bash scripts/setup.sh does this as root)",
+    "libcudart": "perf_analyzer links libcudart.so.12 even on CPU: `pip install nvidia-cuda-runtime-cu12` "
+                 "(the `bench` extra: `pip install -e '.[bench]'`); promptmad puts site-packages/nvidia/cuda_runtime/lib "
+                 "on LD_LIBRARY_PATH itself",
+    "glibc": "this perf_analyzer needs a newer glibc than the system's: use the binary of the tritonclient==2.51.0 wheel "
+             "(the standalone `perf-analyzer` wheels need glibc >= 2.38), or the NGC `tritonserver:24.10-py3-sdk` container",
+}
+
 
 class BenchError(PromptMADError):
-    """perf_analyzer is missing, cannot start, or failed."""
+    """perf_analyzer is missing, cannot start, was given bad arguments, or failed."""
 
 
-def find_perf_analyzer() -> Path:
-    candidates = [Path(sys.executable).parent / "perf_analyzer"]
+# -- locating and running the binary -----------------------------------------------------------------
+
+def _candidates() -> list[Path]:
+    out: list[Path] = []
+    if os.environ.get("PERF_ANALYZER"):
+        out.append(Path(os.environ["PERF_ANALYZER"]))
+    out.append(Path(sys.executable).parent / "perf_analyzer")
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        out.append(Path(scripts) / "perf_analyzer")
     which = shutil.which("perf_analyzer")
     if which:
-        candidates.append(Path(which))
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return c
-    raise BenchError("perf_analyzer not found: it ships in the tritonclient==2.51.0 wheel (`pip install 'tritonclient[all]==2.51.0'`; "
-                     "bash scripts/setup.sh does this)")
+        out.append(Path(which))
+    return list(dict.fromkeys(out))
 
 
-def perf_env() -> dict[str, str]:
-    """Environment with libcudart.so.12 (PyPI nvidia-cuda-runtime-cu12) on LD_LIBRARY_PATH."""
-    env = dict(os.environ)
-    libs = []
-    try:
-        import nvidia.cuda_runtime  # type: ignore
+def cuda_runtime_lib_dirs() -> list[Path]:
+    """``nvidia/cuda_runtime/lib`` folders (PyPI nvidia-cuda-runtime-cu12) on sys.path that hold libcudart.so.12."""
+    dirs = []
+    for entry in sys.path:
+        d = Path(entry or ".") / "nvidia" / "cuda_runtime" / "lib"
+        try:
+            if (d / "libcudart.so.12").exists():
+                dirs.append(d.resolve())
+        except OSError:
+            continue
+    return list(dict.fromkeys(dirs))
 
-        base = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
-        if base.is_dir():
-            libs.append(str(base))
-    except ImportError:
-        pass
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+
+def perf_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment perf_analyzer needs: libcudart.so.12's folder first on LD_LIBRARY_PATH."""
+    env = dict(os.environ if base is None else base)
+    parts = [str(d) for d in cuda_runtime_lib_dirs()] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if parts:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(parts))
     return env
 
 
-def check_perf_analyzer() -> str:
-    """Runs `perf_analyzer --version`; turns loader errors into install hints."""
-    exe = find_perf_analyzer()
-    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=perf_env())
+def loader_error_hint(text: str) -> str | None:
+    """Install hint for a dynamic-loader error printed by perf_analyzer, or None."""
+    missing = re.search(r"error while loading shared libraries: (\S+?):", text)
+    if missing:
+        lib = missing.group(1)
+        if lib.startswith("libb64"):
+            return f"{lib} is missing. {INSTALL_HINTS['libb64']}"
+        if lib.startswith("libcudart"):
+            return f"{lib} is missing. {INSTALL_HINTS['libcudart']}"
+        return f"{lib} is missing (a shared library perf_analyzer links); install the package that provides it"
+    if re.search(r"GLIBC_\d+\.\d+' not found", text):
+        return INSTALL_HINTS["glibc"]
+    return None
+
+
+def check_perf_analyzer(exe: Path | None = None) -> str:
+    """Runs ``perf_analyzer --version`` and returns its version line; loader errors become
+    :class:`BenchError` with the install command."""
+    exe = exe or find_perf_analyzer(check=False)
+    try:
+        proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=perf_env(), timeout=60)
+    except OSError as exc:
+        raise BenchError(f"{exe} cannot be executed ({exc}). {INSTALL_HINTS['binary']}") from exc
     text = proc.stdout + proc.stderr
-    if "libb64" in text:
-        raise BenchError("perf_analyzer needs Debian's libb64: `apt-get install libb64-0d`")
-    if "libcudart" in text:
-        raise BenchError("perf_analyzer needs libcudart.so.12: `pip install nvidia-cuda-runtime-cu12`")
-    if proc.returncode != 0 or "Version" not in text:
-        raise BenchError(f"perf_analyzer does not run: {text.strip()[:300]}")
-    return text.strip().splitlines()[0]
+    hint = loader_error_hint(text)
+    if hint:
+        raise BenchError(f"{exe} does not start: {hint}")
+    m = re.search(r"Perf Analyzer Version (\S+)", text)
+    if not m:
+        raise BenchError(f"{exe} --version exited {proc.returncode} without a version line: {text.strip()[:400]}")
+    if not m.group(1).startswith(PERF_ANALYZER_VERSION):
+        log.warning("perf_analyzer %s found; promptmad's benchmarks are written against %s", m.group(1), PERF_ANALYZER_VERSION)
+    return m.group(0).strip()
 
 
-def build_input_data(frames: Sequence[np.ndarray], class_ids: Sequence[int], out_json: Path) -> Path:
-    """perf_analyzer --input-data JSON: one entry per request (cycled), raw UINT8 frames as base64
-    with their own shape, and the class id of the frame."""
-    if len(frames) != len(class_ids) or not frames:
-        raise BenchError("build_input_data: need as many class ids as frames (and at least one frame)")
+def find_perf_analyzer(check: bool = True) -> Path:
+    """Path of a perf_analyzer binary (``$PERF_ANALYZER``, this environment's bin/, PATH). With
+    ``check``, also starts it (``--version``) so a missing libb64/libcudart fails here, named."""
+    for c in _candidates():
+        if c.is_file() and os.access(c, os.X_OK):
+            if check:
+                check_perf_analyzer(c)
+            return c
+    raise BenchError(f"perf_analyzer not found (looked at {', '.join(map(str, _candidates()))}). {INSTALL_HINTS['binary']}")
+
+
+# -- input data --------------------------------------------------------------------------------------
+
+def _b64_tensor(arr: np.ndarray) -> dict:
+    arr = np.ascontiguousarray(arr)
+    return {"b64": base64.b64encode(arr.tobytes()).decode("ascii"), "shape": [int(s) for s in arr.shape]}
+
+
+def build_input_data(
+    frames: Sequence[np.ndarray],
+    class_ids: Sequence[int],
+    out_json: Path,
+    *,
+    image_input: str = "image",
+    class_input: str = "class_id",
+) -> Path:
+    """perf_analyzer ``--input-data`` JSON for the ``promptmad`` ensemble from real frames.
+
+    One entry per request, cycled by perf_analyzer in order: ``image`` is the raw HxWx3 uint8 frame
+    as base64 with its own ``shape`` (the ensemble's image dims are [-1, -1, 3], so every entry must
+    say its shape), ``class_id`` the frame's class as ``{"content": [id], "shape": [1]}``. Shapes are
+    per item: perf_analyzer adds the batch dimension (``-b``); a batch > 1 needs equal frame sizes.
+    """
+    if not len(frames):
+        raise BenchError("build_input_data: no frames; pass at least one HxWx3 uint8 frame")
+    if len(frames) != len(class_ids):
+        raise BenchError(f"build_input_data: {len(frames)} frames but {len(class_ids)} class ids; give one class id per frame")
     data = []
-    for frame, cid in zip(frames, class_ids):
-        frame = np.ascontiguousarray(frame, dtype=np.uint8)
-        if frame.ndim != 3 or frame.shape[2] != 3:
-            raise BenchError(f"frame shape {frame.shape}: expected HxWx3 uint8")
-        data.append({
-            "image": {"b64": base64.b64encode(frame.tobytes()).decode(), "shape": list(frame.shape)},
-            "class_id": {"content": [int(cid)], "shape": [1]},
-        })
+    for i, (frame, cid) in enumerate(zip(frames, class_ids)):
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8:
+            raise BenchError(f"frame {i}: dtype {frame.dtype}; the ensemble's `image` input is UINT8 (convert with .astype(np.uint8))")
+        if frame.ndim != 3 or frame.shape[2] != 3 or min(frame.shape[:2]) < 1:
+            raise BenchError(f"frame {i}: shape {tuple(frame.shape)}; the ensemble's `image` input is HxWx3 (RGB, channels last)")
+        if int(cid) != cid or int(cid) < 0:
+            raise BenchError(f"class id {cid!r} of frame {i}: must be a non-negative integer (index into the ensemble's class_names)")
+        data.append({image_input: _b64_tensor(frame), class_input: {"content": [int(cid)], "shape": [1]}})
+    return _write_json({"data": data}, out_json)
+
+
+def build_tensor_input_data(feeds: Sequence[dict[str, np.ndarray]], out_json: Path) -> Path:
+    """``--input-data`` for any model: each entry maps input name -> per-item array (no batch dim),
+    written as base64 with its shape (dtype must match the model's input; it is not recorded)."""
+    if not feeds:
+        raise BenchError("build_tensor_input_data: no entries")
+    return _write_json({"data": [{name: _b64_tensor(arr) for name, arr in feed.items()} for feed in feeds]}, out_json)
+
+
+def read_input_data(path: Path, dtypes: dict[str, str | np.dtype]) -> list[dict[str, np.ndarray]]:
+    """Inverse of :func:`build_input_data`/:func:`build_tensor_input_data` (dtype per input name)."""
+    out = []
+    for entry in json.loads(Path(path).read_text())["data"]:
+        feed = {}
+        for name, t in entry.items():
+            dt = np.dtype(dtypes[name])
+            if "b64" in t:
+                arr = np.frombuffer(base64.b64decode(t["b64"]), dt)
+            else:
+                arr = np.asarray(t["content"] if isinstance(t, dict) else t, dt)
+            feed[name] = arr.reshape(t["shape"]) if isinstance(t, dict) and "shape" in t else arr
+        out.append(feed)
+    return out
+
+
+def _write_json(obj: dict, out_json: Path) -> Path:
+    out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"data": data}))
+    tmp = out_json.with_suffix(out_json.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, out_json)
     return out_json
 
 
-def build_tensor_input_data(tensors: Sequence[dict[str, np.ndarray]], out_json: Path) -> Path:
-    """--input-data for a composing model: each entry maps input name -> per-item array."""
-    data = []
-    for feed in tensors:
-        entry = {}
-        for name, arr in feed.items():
-            arr = np.ascontiguousarray(arr)
-            entry[name] = {"b64": base64.b64encode(arr.tobytes()).decode(), "shape": list(arr.shape)}
-        data.append(entry)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"data": data}))
-    return out_json
+def output_shm_bytes(frames: Iterable[np.ndarray], batch_size: int = 1) -> int:
+    """``--output-shared-memory-size`` for the ensemble: the largest ``anomaly_map`` (FP32 HxW per
+    frame, variable shape, so perf_analyzer cannot size it) times the batch, plus slack."""
+    largest = max((int(f.shape[0]) * int(f.shape[1]) for f in frames), default=1024 * 1024)
+    return max(1 << 20, largest * 4 * batch_size + (64 << 10))
 
+
+# -- argv ----------------------------------------------------------------------------------------
 
 def build_argv(
     model: str,
     url: str,
     *,
-    input_data: Path,
+    input_data: Path | str,
     protocol: str = "grpc",
     concurrency_range: tuple[int, int, int] = (1, 8, 1),
     shared_memory: str = "none",
+    output_shared_memory_size: int = 16 << 20,
     measurement_mode: str = "count_windows",
     measurement_request_count: int = 50,
-    # a shared 2-core machine is noisy: 40% / 10 windows still converges there, and count_windows
-    # keeps each window's size fixed
+    measurement_interval_ms: int = 5000,
+    # a shared 2-core machine is noisy: 40% over the last 3 windows still converges there
     stability_percentage: float = 40.0,
     max_trials: int = 10,
     batch_size: int = 1,
-    csv_out: Path | None = None,
+    percentile: int | None = None,
+    verbose_csv: bool = False,
+    csv_out: Path | str | None = None,
     extra: Sequence[str] = (),
-    executable: Path | None = None,
+    executable: Path | str | None = None,
 ) -> list[str]:
+    """argv of one perf_analyzer concurrency sweep (``-m model -u url -i grpc ...``).
+
+    ``percentile`` (e.g. 95) makes perf_analyzer stabilise on that latency percentile instead of the
+    average (and drops the ``Avg latency`` column of ``--verbose-csv``); ``shared_memory="system"``
+    passes inputs and outputs through POSIX shared memory (client and server on one host).
+    """
     if protocol not in ("grpc", "http"):
-        raise BenchError(f"protocol {protocol!r}: grpc or http")
+        raise BenchError(f"protocol {protocol!r}: use 'grpc' or 'http'")
     if shared_memory not in ("none", "system", "cuda"):
-        raise BenchError(f"shared_memory {shared_memory!r}: none, system or cuda")
+        raise BenchError(f"shared_memory {shared_memory!r}: use 'none', 'system' (same host) or 'cuda' (same GPU host)")
     if measurement_mode not in ("count_windows", "time_windows"):
-        raise BenchError(f"measurement_mode {measurement_mode!r}: count_windows or time_windows")
-    lo, hi, step = concurrency_range
+        raise BenchError(f"measurement_mode {measurement_mode!r}: use 'count_windows' or 'time_windows'")
+    if len(concurrency_range) != 3:
+        raise BenchError(f"concurrency_range {concurrency_range!r}: give (start, end, step), e.g. (1, 8, 1)")
+    lo, hi, step = (int(x) for x in concurrency_range)
     if not 1 <= lo <= hi or step < 1:
-        raise BenchError(f"concurrency range {concurrency_range}: need 1 <= start <= end and step >= 1")
+        raise BenchError(f"concurrency_range {concurrency_range}: need 1 <= start <= end and step >= 1, e.g. (1, 16, 2)")
+    if batch_size < 1:
+        raise BenchError(f"batch_size {batch_size}: must be >= 1 (and <= the model's max_batch_size)")
+    if measurement_request_count < 1:
+        raise BenchError(f"measurement_request_count {measurement_request_count}: must be >= 1")
+    if percentile is not None and not 1 <= int(percentile) <= 99:
+        raise BenchError(f"percentile {percentile}: use 1..99 (e.g. 95) or None for the average latency")
     argv = [
         str(executable or find_perf_analyzer()), "-m", model, "-u", url, "-i", protocol,
         "-b", str(batch_size), "--input-data", str(input_data),
         "--concurrency-range", f"{lo}:{hi}:{step}",
         "--measurement-mode", measurement_mode,
-        "-s", str(stability_percentage), "-r", str(max_trials),
-        "--percentile", "95",
+        "-s", f"{stability_percentage:g}", "-r", str(max_trials),
     ]
     if measurement_mode == "count_windows":
         argv += ["--measurement-request-count", str(measurement_request_count)]
+    else:
+        argv += ["--measurement-interval", str(measurement_interval_ms)]
+    if percentile is not None:
+        argv += ["--percentile", str(int(percentile))]
     if shared_memory != "none":
-        argv += ["--shared-memory", shared_memory, "--output-shared-memory-size", str(16 << 20)]
+        argv += ["--shared-memory", shared_memory, "--output-shared-memory-size", str(int(output_shared_memory_size))]
     if csv_out is not None:
         argv += ["-f", str(csv_out)]
+        if verbose_csv:
+            argv.append("--verbose-csv")
     return argv + list(extra)
 
 
-_NUMERIC = {
-    "Concurrency": int, "Inferences/Second": float, "Client Send": float, "Network+Server Send/Recv": float,
-    "Server Queue": float, "Server Compute Input": float, "Server Compute Infer": float, "Server Compute Output": float,
-    "Client Recv": float, "p50 latency": float, "p90 latency": float, "p95 latency": float, "p99 latency": float,
-    "Avg latency": float,
-}
+# -- outputs -------------------------------------------------------------------------------------
+
+def _number(text: str):
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
-def parse_csv(path: Path) -> list[dict]:
-    """Rows of perf_analyzer's -f CSV, numbers converted; latencies stay in microseconds."""
+def parse_csv(path: Path | str) -> list[dict]:
+    """Rows of perf_analyzer's ``-f`` CSV with numbers converted, sorted by concurrency (or request
+    rate). Columns (2.51): Concurrency, Inferences/Second, Client Send, Network+Server Send/Recv,
+    Server Queue, Server Compute Input, Server Compute Infer, Server Compute Output, Client Recv,
+    p50/p90/p95/p99 latency [, Avg latency, request/response, response wait with --verbose-csv].
+    Times are microseconds (averages per request); throughput is inferences (frames) per second."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"{path}: perf_analyzer wrote no CSV (did it fail? see its log)")
     rows = []
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if not row or not row.get("Concurrency"):
+        reader = csv.reader(fh)
+        header = None
+        for rec in reader:
+            if not rec or not any(c.strip() for c in rec):
+                if header is not None and rows:
+                    break  # a blank line ends the table (metrics sections may follow)
                 continue
-            out = {}
-            for k, v in row.items():
-                if k is None:
-                    continue
-                k = k.strip()
-                conv = _NUMERIC.get(k)
-                try:
-                    out[k] = conv(v) if conv and v not in (None, "") else v
-                except ValueError:
-                    out[k] = v
-            rows.append(out)
-    return rows
+            if header is None:
+                header = [c.strip() for c in rec]
+                if header[0] not in ("Concurrency", "Request Rate"):
+                    raise BenchError(f"{path}: not a perf_analyzer CSV (first column {header[0]!r})")
+                continue
+            rows.append({k: _number(v) for k, v in zip(header, rec) if k})
+    if header is None:
+        raise BenchError(f"{path}: empty perf_analyzer CSV")
+    return sorted(rows, key=lambda r: r.get(header[0], 0))
 
 
-def run(argv: list[str], timeout: float = 900) -> str:
-    log.info("running %s", " ".join(argv))
-    proc = subprocess.run(argv, capture_output=True, text=True, env=perf_env(), timeout=timeout)
+_LAT = re.compile(r"Avg request latency: (\d+) usec \((.*)\)")
+_PART = re.compile(r"(overhead|queue|compute input|compute infer|compute output|compute) (\d+) usec")
+
+
+def _latency_parts(line: str) -> dict[str, int]:
+    m = _LAT.search(line)
+    if not m:
+        return {}
+    out = {"avg_request_us": int(m.group(1))}
+    for name, val in _PART.findall(m.group(2)):
+        out[name.replace(" ", "_") + "_us"] = int(val)
+    return out
+
+
+def parse_report(text: str) -> dict[int, dict]:
+    """perf_analyzer's stdout report -> {concurrency: {"client": {...}, "server": {...},
+    "composing": {model: {...}}}}. Client keys: request_count, throughput, p50_us.., avg_us;
+    server/composing keys: inference_count, execution_count, success_count, avg_request_us,
+    overhead_us, queue_us, compute_input_us, compute_infer_us, compute_output_us (all averages per
+    request in microseconds, as perf_analyzer measured them at that concurrency)."""
+    out: dict[int, dict] = {}
+    cur: dict | None = None
+    section = None
+    target: dict | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = re.match(r"Request concurrency: (\d+)", line)
+        if m:
+            cur = out.setdefault(int(m.group(1)), {"client": {}, "server": {}, "composing": {}})
+            section, target = None, None
+            continue
+        if cur is None:
+            continue
+        if line.startswith("Inferences/Second vs."):
+            cur = None
+            continue
+        if line == "Client:":
+            section, target = "client", cur["client"]
+            continue
+        if line == "Server:":
+            section, target = "server", cur["server"]
+            continue
+        if line == "Composing models:":
+            section, target = "composing", None
+            continue
+        m = re.match(r"([\w.\-]+), version: (\S+)", line)
+        if m and section == "composing":
+            target = cur["composing"].setdefault(m.group(1), {"version": m.group(2)})
+            continue
+        if target is None:
+            continue
+        if m := re.match(r"Request count: (\d+)", line):
+            target["request_count"] = int(m.group(1))
+        elif m := re.match(r"Throughput: ([\d.]+) infer/sec", line):
+            target["throughput"] = float(m.group(1))
+        elif m := re.match(r"(p\d+) latency: (\d+) usec", line):
+            target[f"{m.group(1)}_us"] = int(m.group(2))
+        elif m := re.match(r"Avg latency: (\d+) usec", line):
+            target["avg_us"] = int(m.group(1))
+        elif m := re.match(r"Inference count: (\d+)", line):
+            target["inference_count"] = int(m.group(1))
+        elif m := re.match(r"Execution count: (\d+)", line):
+            target["execution_count"] = int(m.group(1))
+        elif m := re.match(r"Successful request count: (\d+)", line):
+            target["success_count"] = int(m.group(1))
+        elif line.startswith("Avg request latency"):
+            target.update(_latency_parts(line))
+    return out
+
+
+def run(argv: Sequence[str], timeout: float = 900, log_path: Path | None = None) -> str:
+    """Runs perf_analyzer with :func:`perf_env`; returns stdout (also written to ``log_path``).
+    Failures raise :class:`BenchError` with the tail of its output and, for loader errors, the fix."""
+    log.info("running %s", " ".join(map(str, argv)))
+    try:
+        proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, env=perf_env(), timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"perf_analyzer ran past {timeout:.0f}s (lower the concurrency range or --measurement-request-count)") from exc
+    text = proc.stdout + ("\n" + proc.stderr if proc.stderr.strip() else "")
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(text)
     if proc.returncode != 0:
-        raise BenchError(f"perf_analyzer failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+        hint = loader_error_hint(text)
+        raise BenchError(f"perf_analyzer failed (exit {proc.returncode}){': ' + hint if hint else ''}:\n{text[-2000:]}")
     return proc.stdout

@@ -1,67 +1,143 @@
-"""PNG plots of the benchmark results (matplotlib, Agg)."""
+"""PNG plots of the benchmark results (matplotlib, Agg backend: no display needed).
+
+- :func:`plot_sweeps`: throughput per concurrency, and p50/p95/p99 latency against throughput;
+- :func:`plot_step_latency`: per concurrency, a stacked bar of where an ensemble request's time
+  goes (each composing model's compute, and the queueing of all steps), next to the client latency;
+- :func:`plot_breakdown`: per composing model, compute per frame and queue per request over a sweep.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+STEP_COLORS = {
+    "preprocess": "#9ecae1", "prompt_bank": "#c6dbef", "visual_encoder": "#3182bd", "reconstructor": "#31a354",
+    "segmentor": "#e6550d", "postprocess": "#fdae6b",
+}
 
 
-def plot_sweeps(sweeps, path: Path, title: str = "") -> Path:
-    """Throughput vs latency (p50/p95/p99) per concurrency, one line set per sweep."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for sw in sweeps:
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    log.info("wrote %s", path)
+    return path
+
+
+def plot_sweeps(sweeps: Sequence, path: Path, title: str = "") -> Path:
+    """Left: frames/s per concurrency, one line per sweep. Right: p50 (solid), p95 (dashed) and p99
+    (dotted) client latency against frames/s; each p99 point is labelled with its concurrency."""
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
+    for k, sw in enumerate(sweeps):
         rows = sorted(sw.rows, key=lambda r: r["Concurrency"])
+        if not rows:
+            continue
+        color = f"C{k}"
         conc = [r["Concurrency"] for r in rows]
         fps = [r["Inferences/Second"] for r in rows]
-        ax[0].plot(conc, fps, marker="o", label=sw.label)
+        ax[0].plot(conc, fps, marker="o", color=color, label=sw.label)
         for key, style in (("p50 latency", "-"), ("p95 latency", "--"), ("p99 latency", ":")):
-            ax[1].plot(fps, [r[key] / 1000 for r in rows], style, marker=".", label=f"{sw.label} {key.split()[0]}")
+            if key not in rows[0]:
+                continue
+            ax[1].plot(fps, [r[key] / 1000 for r in rows], style, marker=".", color=color, label=f"{sw.label} {key.split()[0]}")
+        if "p99 latency" in rows[0]:
             for c, x, r in zip(conc, fps, rows):
-                if key == "p99 latency":
-                    ax[1].annotate(f"c={c}", (x, r[key] / 1000), fontsize=7)
+                ax[1].annotate(f"c={c}", (x, r["p99 latency"] / 1000), fontsize=7, color=color,
+                               xytext=(3, 3 + 8 * k), textcoords="offset points")
+    from matplotlib.ticker import MaxNLocator
+
+    ax[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     ax[0].set_xlabel("concurrency (requests in flight)")
     ax[0].set_ylabel("frames / s")
     ax[0].set_title("throughput")
+    ax[0].set_ylim(bottom=0)
     ax[0].grid(alpha=0.3)
-    ax[0].legend(fontsize=7)
+    ax[0].legend(fontsize=8)
     ax[1].set_xlabel("frames / s")
-    ax[1].set_ylabel("latency (ms)")
-    ax[1].set_title("latency vs throughput")
+    ax[1].set_ylabel("client latency (ms)")
+    ax[1].set_title("latency p50 / p95 / p99 vs throughput")
+    ax[1].set_ylim(bottom=0)
     ax[1].grid(alpha=0.3)
-    ax[1].legend(fontsize=6)
+    ax[1].legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_step_latency(sweep, path: Path, title: str = "", steps: Sequence[str] | None = None) -> Path:
+    """Stacked bars per concurrency from perf_analyzer's composing-model report: each step's
+    compute (input + infer + output) per request, then the queueing of all steps together; the
+    black marker is the client's average (or p50) latency: the rest is transport and scheduling."""
+    plt = _plt()
+    concs = sorted(sweep.report)
+    names = [n for n in (steps or STEP_COLORS) if any(n in sweep.report[c].get("composing", {}) for c in concs)]
+    for c in concs:
+        for n in sweep.report[c].get("composing", {}):
+            if n not in names:
+                names.append(n)
+    fig, ax = plt.subplots(figsize=(max(7.5, 3.0 + 0.8 * len(concs)), 4.6))
+    bottom = [0.0] * len(concs)
+    x = list(range(len(concs)))
+    for n in names:
+        vals = []
+        for c in concs:
+            s = sweep.report[c].get("composing", {}).get(n, {})
+            vals.append((s.get("compute_input_us", 0) + s.get("compute_infer_us", 0) + s.get("compute_output_us", 0)) / 1000)
+        ax.bar(x, vals, bottom=bottom, label=n, color=STEP_COLORS.get(n))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    queue = [sum(s.get("queue_us", 0) for s in sweep.report[c].get("composing", {}).values()) / 1000 for c in concs]
+    ax.bar(x, queue, bottom=bottom, label="queue (all steps)", color="#bdbdbd", hatch="//", edgecolor="white")
+    client = []
+    for c in concs:
+        cl = sweep.report[c].get("client", {})
+        client.append((cl.get("avg_us") or cl.get("p50_us") or 0) / 1000)
+    ax.plot(x, client, "k_", markersize=22, markeredgewidth=2, label="client latency (avg or p50)")
+    ax.set_xticks(x, [str(c) for c in concs])
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("ms per request")
+    ax.set_title(title or f"{sweep.label}: per-step latency")
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    # legend top-down in the order the segments are stacked (pipeline order, queue on top)
+    order = [labels.index("client latency (avg or p50)")] + [i for i in reversed(range(len(labels)))
+                                                             if labels[i] != "client latency (avg or p50)"]
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_breakdown(breakdown: dict, path: Path, title: str = "") -> Path:
-    """Stacked bar: where a frame's time goes per ensemble step (compute + queue)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Horizontal bars per composing model: compute per frame (what the step costs the machine,
+    batches amortised) and queue per request, with the average dynamic batch."""
+    plt = _plt()
     names = list(breakdown)
     compute = [breakdown[n]["compute_ms_per_frame"] for n in names]
-    queue = [breakdown[n]["queue_ms_per_frame"] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.barh(names, compute, label="compute")
-    ax.barh(names, queue, left=compute, label="queue", alpha=0.6)
-    for i, (c, q) in enumerate(zip(compute, queue)):
-        ax.text(c + q, i, f" {c:.1f}+{q:.1f} ms", va="center", fontsize=8)
+    queue = [breakdown[n].get("queue_ms_per_request", breakdown[n].get("queue_ms_per_frame", 0.0)) for n in names]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.8))
+    ax.barh(names, compute, label="compute per frame", color=[STEP_COLORS.get(n, "C0") for n in names])
+    ax.barh(names, queue, left=compute, label="queue per request", color="#bdbdbd", hatch="//", edgecolor="white")
+    for i, n in enumerate(names):
+        ax.text(compute[i] + queue[i], i, f"  {compute[i]:.1f} + {queue[i]:.1f} ms (batch {breakdown[n]['avg_batch']:.1f})",
+                va="center", fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ms per frame")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_xlabel("ms")
+    ax.set_xlim(0, max([c + q for c, q in zip(compute, queue)] or [1]) * 1.45)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -1,71 +1,333 @@
-"""Benchmark tooling: argv, input data, CSV parsing, and one short real perf_analyzer run."""
+"""Benchmark tooling: perf_analyzer argv, input-data JSON, parsing of a real captured CSV and report,
+breakdowns, plots, CLI, and one short real perf_analyzer run against the real server.
+
+tests/data/perf_analyzer_sample.{csv,log} were captured from perf_analyzer 2.51 (tritonclient wheel)
+against the `python-ort` promptmad ensemble served by the embedded tritonserver:
+`-m promptmad -i grpc --concurrency-range 1:4:1 --measurement-mode count_windows
+--measurement-request-count 12 -s 100 -f perf_analyzer_sample.csv --verbose-csv > perf_analyzer_sample.log`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from promptmad.benchmarks.compare import format_markdown, step_breakdown
+from promptmad.benchmarks.compare import comparison_rows, format_markdown, step_breakdown, write_comparison_csv
 from promptmad.benchmarks.perf_analyzer import (
     BenchError,
     build_argv,
     build_input_data,
+    build_tensor_input_data,
     check_perf_analyzer,
+    cuda_runtime_lib_dirs,
+    find_perf_analyzer,
+    loader_error_hint,
+    output_shm_bytes,
     parse_csv,
+    parse_report,
+    perf_env,
+    read_input_data,
     run,
 )
+from promptmad.benchmarks.sweep import STEPS, SweepResult
 
+DATA = Path(__file__).parent / "data"
+SAMPLE_CSV = DATA / "perf_analyzer_sample.csv"
+SAMPLE_LOG = DATA / "perf_analyzer_sample.log"
+
+
+def _pa_works() -> bool:
+    try:
+        check_perf_analyzer()
+        return True
+    except BenchError:
+        return False
+
+
+# -- argv ------------------------------------------------------------------------------------------
 
 def test_argv(tmp_path):
     argv = build_argv("promptmad", "127.0.0.1:8001", input_data=tmp_path / "in.json", concurrency_range=(1, 16, 2),
-                      shared_memory="system", csv_out=tmp_path / "o.csv", executable=tmp_path / "pa")
-    s = " ".join(argv)
-    assert argv[0].endswith("pa") and "-m promptmad" in s and "-i grpc" in s and "--concurrency-range 1:16:2" in s
-    assert "--measurement-mode count_windows" in s and "--measurement-request-count 50" in s
-    assert "--shared-memory system" in s and f"-f {tmp_path / 'o.csv'}" in s
-    with pytest.raises(BenchError, match="concurrency"):
-        build_argv("m", "u", input_data=tmp_path, concurrency_range=(4, 1, 1), executable=tmp_path)
-    with pytest.raises(BenchError, match="shared_memory"):
-        build_argv("m", "u", input_data=tmp_path, shared_memory="gpu", executable=tmp_path)
+                      shared_memory="system", output_shared_memory_size=1 << 20, csv_out=tmp_path / "o.csv",
+                      verbose_csv=True, percentile=95, batch_size=2, executable=tmp_path / "pa")
+    assert argv[0] == str(tmp_path / "pa")
+    pairs = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("-")}
+    assert pairs["-m"] == "promptmad" and pairs["-u"] == "127.0.0.1:8001" and pairs["-i"] == "grpc" and pairs["-b"] == "2"
+    assert pairs["--input-data"] == str(tmp_path / "in.json") and pairs["--concurrency-range"] == "1:16:2"
+    assert pairs["--measurement-mode"] == "count_windows" and pairs["--measurement-request-count"] == "50"
+    assert pairs["--shared-memory"] == "system" and pairs["--output-shared-memory-size"] == str(1 << 20)
+    assert pairs["-f"] == str(tmp_path / "o.csv") and "--verbose-csv" in argv and pairs["--percentile"] == "95"
 
+    plain = build_argv("m", "h:1", input_data="d.json", executable="pa")
+    assert "--shared-memory" not in plain and "--percentile" not in plain and "-f" not in plain
+    assert "--verbose-csv" not in plain  # only meaningful with -f
+    tw = build_argv("m", "h:1", input_data="d.json", measurement_mode="time_windows", measurement_interval_ms=2000, executable="pa")
+    assert "--measurement-interval" in tw and "--measurement-request-count" not in tw
+    assert build_argv("m", "h:1", input_data="d", extra=["--max-threads", "4"], executable="pa")[-2:] == ["--max-threads", "4"]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"concurrency_range": (4, 1, 1)}, "concurrency_range"),
+    ({"concurrency_range": (0, 2, 1)}, "concurrency_range"),
+    ({"concurrency_range": (1, 2)}, "concurrency_range"),
+    ({"shared_memory": "gpu"}, "shared_memory"),
+    ({"protocol": "udp"}, "protocol"),
+    ({"measurement_mode": "forever"}, "measurement_mode"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"percentile": 100}, "percentile"),
+])
+def test_argv_errors_name_the_field(tmp_path, kwargs, field):
+    with pytest.raises(BenchError, match=field):
+        build_argv("m", "u", input_data=tmp_path, executable=tmp_path, **kwargs)
+
+
+# -- input data ------------------------------------------------------------------------------------
 
 def test_input_data_round_trip(tmp_path):
-    frames = [np.full((4, 5, 3), i, np.uint8) for i in range(3)]
+    frames = [np.random.default_rng(i).integers(0, 255, (4 + i, 5, 3), dtype=np.uint8) for i in range(3)]
     path = build_input_data(frames, [0, 2, 1], tmp_path / "in.json")
     data = json.loads(path.read_text())["data"]
-    assert len(data) == 3
-    assert data[1]["image"]["shape"] == [4, 5, 3] and data[1]["class_id"] == {"content": [2], "shape": [1]}
-    raw = np.frombuffer(base64.b64decode(data[2]["image"]["b64"]), np.uint8).reshape(4, 5, 3)
-    assert (raw == 2).all()
-    with pytest.raises(BenchError):
-        build_input_data(frames, [0], tmp_path / "x.json")
+    assert len(data) == 3 and all(set(e) == {"image", "class_id"} for e in data)
+    assert [e["image"]["shape"] for e in data] == [[4, 5, 3], [5, 5, 3], [6, 5, 3]]
+    assert [e["class_id"] for e in data] == [{"content": [c], "shape": [1]} for c in (0, 2, 1)]
+    raw = np.frombuffer(base64.b64decode(data[2]["image"]["b64"]), np.uint8).reshape(data[2]["image"]["shape"])
+    np.testing.assert_array_equal(raw, frames[2])
+    back = read_input_data(path, {"image": "uint8", "class_id": "int32"})
+    for f, c, e in zip(frames, [0, 2, 1], back):
+        np.testing.assert_array_equal(e["image"], f)
+        assert e["class_id"].tolist() == [c]
 
 
-def test_step_breakdown_and_markdown():
-    before = {"visual_encoder": {"inference_count": 10, "execution_count": 10, "queue_ns": 0, "compute_infer_ns": 0,
-                                 "compute_input_ns": 0, "compute_output_ns": 0, "success_count": 10}}
-    after = {"visual_encoder": {"inference_count": 30, "execution_count": 20, "queue_ns": 4e7, "compute_infer_ns": 2e8,
-                                "compute_input_ns": 0, "compute_output_ns": 0, "success_count": 30}}
+@pytest.mark.parametrize("frames, ids, match", [
+    ([np.zeros((4, 4, 3), np.uint8)], [0, 1], "class ids"),
+    ([], [], "no frames"),
+    ([np.zeros((4, 4, 3), np.float32)], [0], "UINT8"),
+    ([np.zeros((4, 4), np.uint8)], [0], "HxWx3"),
+    ([np.zeros((4, 4, 4), np.uint8)], [0], "HxWx3"),
+    ([np.zeros((4, 4, 3), np.uint8)], [-1], "class id"),
+])
+def test_input_data_errors(tmp_path, frames, ids, match):
+    with pytest.raises(BenchError, match=match):
+        build_input_data(frames, ids, tmp_path / "x.json")
+
+
+def test_tensor_input_data_round_trip(tmp_path):
+    feeds = [{"feat16": np.full((8, 2, 2), i, np.float32), "original_size": np.array([480, 640], np.int32)} for i in range(2)]
+    path = build_tensor_input_data(feeds, tmp_path / "t.json")
+    assert json.loads(path.read_text())["data"][1]["feat16"]["shape"] == [8, 2, 2]
+    back = read_input_data(path, {"feat16": np.float32, "original_size": np.int32})
+    np.testing.assert_array_equal(back[1]["feat16"], feeds[1]["feat16"])
+    assert back[0]["original_size"].tolist() == [480, 640]
+    assert output_shm_bytes([np.zeros((480, 640, 3), np.uint8)], batch_size=2) >= 480 * 640 * 4 * 2
+
+
+# -- outputs: real captured CSV and report -------------------------------------------------------
+
+def test_parse_real_csv_sorted_by_concurrency():
+    # perf_analyzer writes rows ordered by throughput: in this capture concurrency 4 comes before 3
+    raw_order = [line.split(",")[0] for line in SAMPLE_CSV.read_text().splitlines()[1:] if line]
+    assert raw_order != sorted(raw_order)
+    rows = parse_csv(SAMPLE_CSV)
+    assert [r["Concurrency"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert isinstance(r["Concurrency"], int) and isinstance(r["Inferences/Second"], float)
+        assert r["Inferences/Second"] > 0 and r["p99 latency"] >= r["p95 latency"] >= r["p90 latency"] >= r["p50 latency"] > 0
+        for col in ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input", "Server Compute Infer",
+                    "Server Compute Output", "Client Recv", "Avg latency", "request/response", "response wait"):
+            assert isinstance(r[col], int), col
+
+
+def test_parse_csv_errors(tmp_path):
+    with pytest.raises(BenchError, match="no CSV"):
+        parse_csv(tmp_path / "missing.csv")
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(BenchError, match="not a perf_analyzer CSV"):
+        parse_csv(tmp_path / "x.csv")
+
+
+def test_parse_real_report_composing_models():
+    report = parse_report(SAMPLE_LOG.read_text())
+    assert sorted(report) == [1, 2, 3, 4]
+    rows = {r["Concurrency"]: r for r in parse_csv(SAMPLE_CSV)}
+    for c, rep in report.items():
+        assert rep["client"]["throughput"] == pytest.approx(rows[c]["Inferences/Second"])
+        assert rep["client"]["p99_us"] == rows[c]["p99 latency"]
+        assert rep["server"]["inference_count"] > 0
+        assert set(rep["composing"]) == set(STEPS)
+        for name, s in rep["composing"].items():
+            parts = s["overhead_us"] + s["queue_us"] + s["compute_input_us"] + s["compute_infer_us"] + s["compute_output_us"]
+            assert abs(parts - s["avg_request_us"]) <= 10, name  # rounding of each printed part
+    assert parse_report("no report here") == {}
+
+
+# -- locating the binary ---------------------------------------------------------------------------
+
+def test_loader_error_hints():
+    assert "apt-get install libb64-0d" in loader_error_hint(
+        "perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open shared object file: No such file or directory")
+    assert "nvidia-cuda-runtime-cu12" in loader_error_hint(
+        "perf_analyzer: error while loading shared libraries: libcudart.so.12: cannot open shared object file: No such file or directory")
+    assert "glibc" in loader_error_hint("/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.38' not found (required by perf_analyzer)")
+    assert loader_error_hint("Perf Analyzer Version 2.51.0 (commit unknown)") is None
+
+
+def _fake_binary(path: Path, text: str, code: int) -> Path:
+    path.write_text(f"#!/bin/sh\necho \"{text}\" >&2\nexit {code}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_find_reports_missing_libraries(tmp_path, monkeypatch):
+    fake = _fake_binary(tmp_path / "perf_analyzer",
+                        "perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open shared object file", 127)
+    monkeypatch.setenv("PERF_ANALYZER", str(fake))
+    assert find_perf_analyzer(check=False) == fake
+    with pytest.raises(BenchError, match="apt-get install libb64-0d"):
+        find_perf_analyzer()
+    with pytest.raises(BenchError, match="libb64-0d"):
+        run([str(fake), "--version"])
+
+
+def test_find_reports_missing_binary(tmp_path, monkeypatch):
+    import promptmad.benchmarks.perf_analyzer as pa
+
+    monkeypatch.setattr(pa, "_candidates", lambda: [tmp_path / "nope"])
+    with pytest.raises(BenchError, match=r"tritonclient\[all\]==2.51.0"):
+        find_perf_analyzer()
+
+
+def test_perf_env_puts_libcudart_first():
+    env = perf_env({"LD_LIBRARY_PATH": "/opt/x"})
+    dirs = cuda_runtime_lib_dirs()
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-1] == "/opt/x"
+    if dirs:
+        assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(dirs[0])
+
+
+@pytest.mark.skipif(not _pa_works(), reason="perf_analyzer does not run here (bash scripts/setup.sh)")
+def test_real_binary_version():
+    assert check_perf_analyzer().startswith("Perf Analyzer Version 2.51")
+
+
+# -- breakdown, tables, plots, CLI ---------------------------------------------------------------
+
+def _stats(inf, exe, queue, infer, batch_compute):
+    return {"inference_count": inf, "execution_count": exe, "success_count": inf, "queue_ns": queue, "compute_infer_ns": infer,
+            "compute_input_ns": 0, "compute_output_ns": 0, "batch_compute_ns": batch_compute}
+
+
+def test_step_breakdown_amortises_batches():
+    before = {"visual_encoder": _stats(10, 10, 0, 0, 0)}
+    # 20 more frames in 10 executions of batch 2, 30 ms each: every request waited 30 ms, each frame cost 15 ms
+    after = {"visual_encoder": _stats(30, 20, 4e7, 20 * 30e6, 10 * 30e6)}
     b = step_breakdown(before, after)["visual_encoder"]
-    assert b["frames"] == 20 and b["avg_batch"] == 2 and b["compute_ms_per_frame"] == pytest.approx(10.0)
-    md = format_markdown({"machine": {"cpu": "x", "cores": "2", "memory": "1 GiB", "gpu": "none", "python": "3"},
-                          "results": {"224": {"triton_best": {"Concurrency": 4, "Inferences/Second": 10.0, "p99 latency": 5000.0},
-                                              "triton_c1": {"Inferences/Second": 5.0}, "step_breakdown": {}}}})
-    assert "| 224x224 |" in md and "10.0 (4)" in md
+    assert b["frames"] == 20 and b["avg_batch"] == 2
+    assert b["compute_ms_per_frame"] == pytest.approx(15.0) and b["compute_ms_per_request"] == pytest.approx(30.0)
+    assert b["queue_ms_per_request"] == pytest.approx(2.0)
 
+
+def _summary():
+    return {"machine": {"cpu": "x", "cores": "2", "memory": "1 GiB", "gpu": "none", "python": "3"},
+            "results": {"224": {"pytorch_eager_b1": {"fps": 5.0, "p50_ms": 200.0, "p99_ms": 210.0},
+                                "triton_best": {"Concurrency": 4, "Inferences/Second": 10.0, "p50 latency": 3000, "p99 latency": 5000},
+                                "triton_c1": {"Concurrency": 1, "Inferences/Second": 5.0, "p50 latency": 2000, "p99 latency": 2500},
+                                "ratios": {"triton_best_vs_pytorch_b1": 2.0}, "step_breakdown": {}}}}
+
+
+def test_markdown_and_comparison_csv(tmp_path):
+    md = format_markdown(_summary())
+    assert "| 224x224 | 5.0 | n/a | 5.0 | 10.0 (4) | 5 |" in md and "2.00x" in md
+    rows = comparison_rows(_summary())
+    best = next(r for r in rows if r["mode"] == "concurrency 4")
+    assert best["fps"] == 10.0 and best["vs_pytorch_b1"] == pytest.approx(2.0) and best["p99_ms"] == pytest.approx(5.0)
+    text = write_comparison_csv(_summary(), tmp_path / "c.csv").read_text().splitlines()
+    assert text[0].startswith("frames,system,mode,fps") and len(text) == 1 + len(rows)
+
+
+def test_plots_from_real_sample(tmp_path):
+    from promptmad.benchmarks.plots import plot_breakdown, plot_step_latency, plot_sweeps
+
+    sw = SweepResult("ensemble", rows=parse_csv(SAMPLE_CSV), report=parse_report(SAMPLE_LOG.read_text()))
+    assert sw.best()["Concurrency"] in (3, 4) and sw.first()["Concurrency"] == 1 and sw.at(2)["Concurrency"] == 2
+    b = {n: {"compute_ms_per_frame": 1.0 + i, "queue_ms_per_request": 0.5, "avg_batch": 1.0} for i, n in enumerate(STEPS)}
+    for path in (plot_sweeps([sw], tmp_path / "a.png"), plot_step_latency(sw, tmp_path / "b.png", steps=STEPS),
+                 plot_breakdown(b, tmp_path / "c.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_cli_parses_and_documents():
+    from promptmad.benchmarks.cli import _range, register
+
+    def build_parser():  # only `bench`: the other stages' CLIs are not under test here
+        parser = argparse.ArgumentParser(prog="promptmad")
+        register(parser.add_subparsers(dest="command"))
+        return parser
+
+    assert _range("1:16:2") == (1, 16, 2) and _range("2:8") == (2, 8, 1) and _range("4") == (4, 4, 1)
+    for bad in ("8:1", "0:4", "a:b", "1:2:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="START:END"):
+            _range(bad)
+    args = build_parser().parse_args(["bench", "--url", "h:1", "--data", "d", "--concurrency", "1:16:2", "--no-shared-memory",
+                                      "--no-compare", "--image-size", "224", "640"])
+    assert args.url == "h:1" and args.concurrency == (1, 16, 2) and not args.shared_memory and not args.compare
+    assert args.sizes == [224, 640] and args.per_model and args.out == "bench_results"
+    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    for needle in ("--url", "--repo", "--concurrency", "--shared-memory", "--compare", "--image-size", "libb64-0d", "results.md"):
+        assert needle in help_text, needle
+
+
+# -- real perf_analyzer against the real server --------------------------------------------------
 
 @pytest.mark.server
-def test_real_perf_analyzer_run_and_csv(triton_server, tmp_path):
-    assert "2.51" in check_perf_analyzer()
-    frames = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(4)]
-    data = build_input_data(frames, [0, 1, 2, 0], tmp_path / "in.json")
-    argv = build_argv("promptmad", triton_server.grpc_url, input_data=data, concurrency_range=(1, 2, 1),
-                      measurement_request_count=10, stability_percentage=100, csv_out=tmp_path / "out.csv")
-    run(argv, timeout=300)
-    rows = parse_csv(tmp_path / "out.csv")
-    assert [r["Concurrency"] for r in rows] == [1, 2]
-    for r in rows:
+@pytest.mark.timeout(120)
+def test_real_perf_analyzer_run(triton_server, tmp_path):
+    from promptmad.benchmarks.sweep import run_sweep, sweep_ensemble
+
+    frames = [np.random.default_rng(i).integers(0, 255, (64 + 8 * i, 64, 3), dtype=np.uint8) for i in range(4)]
+    sw = sweep_ensemble(triton_server.grpc_url, frames, [0, 1, 2, 0], tmp_path, "ens", concurrency=(1, 2, 1), request_count=8)
+    assert [r["Concurrency"] for r in sw.rows] == [1, 2]
+    for r in sw.rows:
         assert r["Inferences/Second"] > 0 and r["p99 latency"] >= r["p50 latency"] > 0
+    assert set(sw.report[1]["composing"]) == set(STEPS)  # per-step breakdown from the real report
+    assert sw.report[2]["composing"]["segmentor"]["inference_count"] > 0
+
+    shm = run_sweep("promptmad", triton_server.grpc_url, tmp_path / "input_ens.json", tmp_path, "ens_shm",
+                    concurrency=(1, 1, 1), shared_memory="system", output_shared_memory_size=1 << 20, request_count=8,
+                    stability_percentage=100)
+    assert shm.rows[0]["Inferences/Second"] > 0 and (tmp_path / "perf_ens_shm.log").read_text()
+
+    bad = build_argv("no_such_model", triton_server.grpc_url, input_data=tmp_path / "input_ens.json", concurrency_range=(1, 1, 1),
+                     measurement_request_count=4)
+    with pytest.raises(BenchError, match="failed"):
+        run(bad, timeout=60)
+
+
+# -- GPU script ------------------------------------------------------------------------------------
+
+def test_gpu_script_syntax_and_grid_summary(tmp_path):
+    import runpy
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu" / "run_tensorrt.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for needle in ("tritonserver:${TAG}-py3", "tritonserver:${TAG}-py3-sdk", "TAG=24.10", "--runtime tensorrt", "--collect-metrics"):
+        assert needle in text, needle
+
+    shutil.copy(SAMPLE_CSV, tmp_path / "perf_s224_b1_c1-8-1.csv")
+    shutil.copy(SAMPLE_CSV, tmp_path / "perf_s224_b1_c1-8-1_shm-system.csv")
+    mod = runpy.run_path(str(root / "benchmarks" / "gpu" / "summarize_grid.py"))
+    md = mod["summarize"](mod["load_grid"](tmp_path))
+    best = max(parse_csv(SAMPLE_CSV), key=lambda r: r["Inferences/Second"])
+    assert f"| 224x224 | 1 | none | {best['Inferences/Second']:.1f} | {best['Concurrency']} |" in md
+    assert "| 224x224 | 1 | system |" in md and md.count("| 224 | 1 |") == 8
+    assert "No perf_s" in mod["summarize"]([])

@@ -1,41 +1,133 @@
 #!/usr/bin/env bash
-# Benchmark the `tensorrt` runtime repository on a GPU machine with Docker and the NVIDIA container
-# toolkit. Triton 24.10 = 2.51, the version promptmad targets. Run from the repository root:
+# Benchmark the `tensorrt` runtime repository on an NVIDIA GPU with the NGC containers of Triton 24.10
+# (= Triton 2.51, the version promptmad targets). Needs Docker + the NVIDIA container toolkit and a
+# driver that runs CUDA 12.6 containers (>= 560, or 535/550 on data-centre GPUs with forward compat).
+# Run from the repository root, on an otherwise idle machine:
+#
 #   bash benchmarks/gpu/run_tensorrt.sh runs/default data/synth
+#
+# Steps (each prints what it does; see benchmarks/gpu/README.md for what to record):
+#   1. a tools container (nvcr.io/nvidia/tensorrt:24.10-py3: TensorRT 10.5, the TensorRT of
+#      tritonserver:24.10) installs promptmad and builds the engines ON THIS GPU
+#      (`promptmad export --runtime tensorrt`, FP16 strongly typed, profile batch 1..MAX_BATCH);
+#   2. tritonserver:24.10-py3 serves the repository (host network, host IPC for shared memory);
+#   3. perf_analyzer from tritonserver:24.10-py3-sdk sweeps the grid on real frames:
+#      frame sizes x request batch sizes x concurrency, gRPC, count_windows, GPU metrics;
+#      then batch-1 sweeps with system and CUDA shared memory;
+#   4. `promptmad bench` (tools container) for PyTorch eager on the GPU vs the served ensemble,
+#      and each composing model alone;
+#   5. machine, versions, server memory and a grid summary (grid.md) into $OUT.
 set -euo pipefail
+cd "$(dirname "$0")/../.."
+
 RUN=${1:-runs/default}
 DATA=${2:-data/synth}
 OUT=${OUT:-bench_results/gpu}
-IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
-SDK=nvcr.io/nvidia/tritonserver:24.10-py3-sdk
+REPO=${REPO:-model_repository_trt}
+MAX_BATCH=${MAX_BATCH:-16}
+SIZES=${SIZES:-"224 640"}                 # square frame sizes sent (the model's own size + a camera-like one)
+BATCHES=${BATCHES:-"1 4 8 16"}            # images per request (perf_analyzer -b), each <= MAX_BATCH
+REQUESTS=${REQUESTS:-200}                 # --measurement-request-count (count_windows)
+STABILITY=${STABILITY:-10}                # -s: % spread of the last 3 windows (GPUs are steadier than a shared CPU)
+GPU=${GPU:-0}                             # which GPU (docker --gpus device=...)
+TAG=24.10
+SERVER_IMAGE=nvcr.io/nvidia/tritonserver:${TAG}-py3
+SDK_IMAGE=nvcr.io/nvidia/tritonserver:${TAG}-py3-sdk
+TOOLS_IMAGE=${TOOLS_IMAGE:-nvcr.io/nvidia/tensorrt:${TAG}-py3}
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu126}   # a torch built for the containers' CUDA 12.6
+GPUS="--gpus device=${GPU}"
+
+say() { printf '\n[run_tensorrt] %s\n' "$*"; }
+[ -d "$RUN" ] || { echo "run directory $RUN not found (train one: promptmad train --out $RUN)"; exit 2; }
+[ -d "$DATA" ] || { echo "dataset $DATA not found (promptmad data synth --out $DATA, or your MVTec-layout folder)"; exit 2; }
+command -v docker >/dev/null || { echo "docker not found"; exit 2; }
 mkdir -p "$OUT"
 
-# 1. Build the engines on this GPU, inside the container (TensorRT 10.5 ships there).
-docker run --gpus all --rm -v "$PWD":/work -w /work "$IMAGE" bash -c "
-  pip install -q -e . && promptmad export --ckpt $RUN --out model_repository_trt --runtime tensorrt --data $DATA --max-batch 16"
+cleanup() { docker rm -f promptmad-trt promptmad-tools >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+cleanup
 
-# 2. Serve it.
-docker run --gpus all -d --rm --name promptmad-trt -p8000:8000 -p8001:8001 -p8002:8002 \
-  -v "$PWD/model_repository_trt":/models "$IMAGE" tritonserver --model-repository=/models
-trap 'docker stop promptmad-trt >/dev/null 2>&1 || true' EXIT
-until curl -sf localhost:8000/v2/health/ready >/dev/null; do sleep 2; done
+# -- 1. tools container: promptmad + TensorRT 10.5, build the engines on this GPU ----------------
+say "tools container ($TOOLS_IMAGE): installing promptmad"
+docker run -d --name promptmad-tools $GPUS --net=host --ipc=host -v "$PWD":/work -w /work "$TOOLS_IMAGE" sleep infinity >/dev/null
+tools() { docker exec -e PYTHONUNBUFFERED=1 promptmad-tools bash -c "$*"; }
+tools "apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null"   # perf_analyzer of the tritonclient wheel
+tools "pip install -q torch torchvision --index-url $TORCH_INDEX && pip install -q -e '.[bench]'"
+TRT_BUILD=$(tools "python3 -c 'import tensorrt; print(tensorrt.__version__)'" | tail -1)
+TRT_SERVE=$(docker run --rm "$SERVER_IMAGE" bash -c 'ls /usr/lib/x86_64-linux-gnu/libnvinfer.so.* | sed -n "s/.*libnvinfer.so.//p" | sort -V | tail -1')
+say "TensorRT: build $TRT_BUILD, server $TRT_SERVE"
+case "$TRT_BUILD" in "$TRT_SERVE"*) ;; *)
+  echo "TensorRT versions differ: an engine only loads in the TensorRT that built it. Set TOOLS_IMAGE to a container with TensorRT $TRT_SERVE."
+  exit 3 ;;
+esac
+say "building engines into $REPO (promptmad export --runtime tensorrt --max-batch $MAX_BATCH)"
+tools "promptmad export --ckpt $RUN --out $REPO --runtime tensorrt --data $DATA --max-batch $MAX_BATCH" | tee "$OUT/export.log"
 
-# 3. Input data from real frames (same JSON as the CPU benchmark), then the grid:
-#    batch 1 requests at concurrency 1..64, plus batch 4/8/16 requests at concurrency 1..16.
-docker run --rm -v "$PWD":/work -w /work "$IMAGE" bash -c "pip install -q -e . && python -c \"
-from promptmad.benchmarks.compare import load_frames
-from promptmad.benchmarks.perf_analyzer import build_input_data
-from promptmad.training.checkpoint import read_run_info
-info = read_run_info('$RUN')
-frames, names = load_frames('$DATA', n=64)
-build_input_data(frames, [info.classes.index(n) for n in names], __import__('pathlib').Path('$OUT/input.json'))\""
-for b in 1 4 8 16; do
-  range="1:64:2"; [ "$b" -gt 1 ] && range="1:16:1"
-  docker run --rm --net=host -v "$PWD":/work -w /work "$SDK" perf_analyzer -m promptmad -u localhost:8001 -i grpc \
-    -b "$b" --input-data "$OUT/input.json" --concurrency-range "$range" --measurement-mode count_windows \
-    --measurement-request-count 200 -f "$OUT/perf_b$b.csv" --collect-metrics --verbose-csv || true
+# -- 2. serve ------------------------------------------------------------------------------------
+say "serving $REPO with $SERVER_IMAGE"
+# the Python-backend steps (preprocess, prompt_bank, postprocess) need numpy<2 and Pillow in the server's Python
+docker run -d --name promptmad-trt $GPUS --net=host --ipc=host --shm-size=2g -v "$PWD/$REPO":/models "$SERVER_IMAGE" \
+  bash -c "pip install -q 'numpy<2' pillow && exec tritonserver --model-repository=/models --strict-readiness=true" >/dev/null
+for i in $(seq 1 180); do
+  curl -sf localhost:8000/v2/health/ready >/dev/null && break
+  if [ "$i" = 180 ] || [ -z "$(docker ps -q -f name=promptmad-trt)" ]; then
+    docker logs promptmad-trt 2>&1 | tail -40; echo "server not ready"; exit 4
+  fi
+  sleep 2
 done
-curl -s localhost:8002/metrics > "$OUT/metrics.txt"
-nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > "$OUT/gpu.csv"
-echo "Record in benchmarks/README.md: GPU (gpu.csv), TensorRT version (model_repository_trt/manifest.json),"
-echo "best FPS and its p99 per batch size (perf_b*.csv), GPU memory used, and the FP16 parity errors from the manifest."
+say "server ready"
+
+# -- 3. perf_analyzer grid (SDK container) ---------------------------------------------------------
+pa() { docker run --rm $GPUS --net=host --ipc=host -v "$PWD":/work -w /work "$SDK_IMAGE" perf_analyzer "$@"; }
+for S in $SIZES; do
+  say "input data: 64 real test frames at ${S}x${S}"
+  tools "python3 - <<'EOF'
+from pathlib import Path
+from promptmad.benchmarks.compare import ensemble_parameters, load_frames
+from promptmad.benchmarks.perf_analyzer import build_input_data
+names = ensemble_parameters('localhost:8001')['class_names']
+frames, classes = load_frames('$DATA', n=64, size=$S)
+build_input_data(frames, [names.index(c) for c in classes], Path('$OUT/input_$S.json'))
+EOF"
+  for B in $BATCHES; do
+    ranges="1:8:1"; [ "$B" = 1 ] && ranges="1:8:1 16:64:16"
+    for R in $ranges; do
+      tag="s${S}_b${B}_c${R//:/-}"
+      say "grid: frames ${S}x${S}, batch $B, concurrency $R"
+      pa -m promptmad -u localhost:8001 -i grpc -b "$B" --input-data "$OUT/input_$S.json" --concurrency-range "$R" \
+         --measurement-mode count_windows --measurement-request-count "$REQUESTS" -s "$STABILITY" --percentile 95 \
+         --collect-metrics --metrics-url localhost:8002/metrics --verbose-csv -f "$OUT/perf_$tag.csv" \
+         > "$OUT/perf_$tag.log" 2>&1 || echo "  (failed: see $OUT/perf_$tag.log)"
+    done
+  done
+  for SHM in system cuda; do
+    tag="s${S}_b1_c1-8-1_shm-$SHM"
+    say "shared memory $SHM: frames ${S}x${S}, batch 1, concurrency 1:8:1"
+    pa -m promptmad -u localhost:8001 -i grpc -b 1 --input-data "$OUT/input_$S.json" --concurrency-range 1:8:1 \
+       --measurement-mode count_windows --measurement-request-count "$REQUESTS" -s "$STABILITY" --percentile 95 \
+       --shared-memory "$SHM" --output-shared-memory-size $((S * S * 4 + 65536)) --verbose-csv -f "$OUT/perf_$tag.csv" \
+       > "$OUT/perf_$tag.log" 2>&1 || echo "  (failed: see $OUT/perf_$tag.log)"
+  done
+done
+
+# -- 4. PyTorch eager on the GPU vs the served ensemble, composing models alone ---------------------
+say "promptmad bench: PyTorch eager (cuda) vs the served ensemble, composing models alone"
+tools "promptmad bench --url localhost:8001 --run $RUN --data $DATA --out $OUT/bench --torch-device cuda \
+  --repo $REPO --concurrency 1:16:3 --image-size ${SIZES%% *}" || echo "  (promptmad bench failed; the grid above is still valid)"
+
+# -- 5. what to record -------------------------------------------------------------------------------
+say "recording machine, versions and memory"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+  echo; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+  echo; echo "server VmHWM (kB) per process in the container:"
+  docker exec promptmad-trt sh -c 'grep -H VmHWM /proc/[0-9]*/status' || true
+  echo; echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
+  echo "images: $(docker image inspect --format '{{index .RepoDigests 0}}' "$SERVER_IMAGE" "$SDK_IMAGE" "$TOOLS_IMAGE" | tr '\n' ' ')"
+  echo "TensorRT: $TRT_BUILD"
+} > "$OUT/machine.txt" 2>&1
+cp "$REPO/manifest.json" "$OUT/manifest.json"
+curl -s localhost:8002/metrics > "$OUT/metrics.txt" || true
+docker logs promptmad-trt > "$OUT/tritonserver.log" 2>&1 || true
+tools "python3 benchmarks/gpu/summarize_grid.py $OUT" | tee "$OUT/grid.md"
+say "done: $OUT/grid.md, machine.txt, bench/results.md; fill the GPU table of benchmarks/README.md from them"
