@@ -39,10 +39,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_sweeps(sweeps: Sequence, path: Path, title: str = "") -> Path:
-    """Left: frames/s per concurrency, one line per sweep. Right: p50 (solid), p95 (dashed) and p99
-    (dotted) client latency against frames/s; each p99 point is labelled with its concurrency."""
+    """Three panels, one colour per sweep: frames/s per concurrency; p50 (solid), p95 (dashed) and
+    p99 (dotted) client latency per concurrency; and each concurrency as a point of the
+    throughput-latency plane (bar from p50 to p99, tick at p95, labelled c=N)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+    styles = (("p50 latency", "-"), ("p95 latency", "--"), ("p99 latency", ":"))
     for k, sw in enumerate(sweeps):
         rows = sorted(sw.rows, key=lambda r: r["Concurrency"])
         if not rows:
@@ -51,29 +55,33 @@ def plot_sweeps(sweeps: Sequence, path: Path, title: str = "") -> Path:
         conc = [r["Concurrency"] for r in rows]
         fps = [r["Inferences/Second"] for r in rows]
         ax[0].plot(conc, fps, marker="o", color=color, label=sw.label)
-        for key, style in (("p50 latency", "-"), ("p95 latency", "--"), ("p99 latency", ":")):
-            if key not in rows[0]:
-                continue
-            ax[1].plot(fps, [r[key] / 1000 for r in rows], style, marker=".", color=color, label=f"{sw.label} {key.split()[0]}")
-        if "p99 latency" in rows[0]:
-            for c, x, r in zip(conc, fps, rows):
-                ax[1].annotate(f"c={c}", (x, r["p99 latency"] / 1000), fontsize=7, color=color,
-                               xytext=(3, 3 + 8 * k), textcoords="offset points")
-    from matplotlib.ticker import MaxNLocator
-
-    ax[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax[0].set_xlabel("concurrency (requests in flight)")
+        for key, style in styles:
+            if key in rows[0]:
+                ax[1].plot(conc, [r[key] / 1000 for r in rows], style, marker=".", color=color, label=f"{sw.label} {key.split()[0]}")
+        if all(key in rows[0] for key, _ in styles):
+            p50, p95, p99 = ([r[key] / 1000 for r in rows] for key, _ in styles)
+            ax[2].vlines(fps, p50, p99, color=color, alpha=0.6)
+            ax[2].plot(fps, p50, "o", color=color, markersize=4, label=f"{sw.label} p50..p99")
+            ax[2].plot(fps, p95, "_", color=color, markersize=10)
+            ax[2].plot(fps, p99, "v", color=color, markersize=4)
+            for c, x, y in zip(conc, fps, p99):
+                ax[2].annotate(f"c={c}", (x, y), fontsize=7, color=color, xytext=(3, 2), textcoords="offset points")
+    for a in ax[:2]:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel("concurrency (requests in flight)")
     ax[0].set_ylabel("frames / s")
     ax[0].set_title("throughput")
-    ax[0].set_ylim(bottom=0)
-    ax[0].grid(alpha=0.3)
-    ax[0].legend(fontsize=8)
-    ax[1].set_xlabel("frames / s")
     ax[1].set_ylabel("client latency (ms)")
-    ax[1].set_title("latency p50 / p95 / p99 vs throughput")
-    ax[1].set_ylim(bottom=0)
-    ax[1].grid(alpha=0.3)
+    ax[1].set_title("latency p50 / p95 / p99")
+    ax[2].set_xlabel("frames / s")
+    ax[2].set_ylabel("client latency (ms)")
+    ax[2].set_title("throughput vs latency (p50 dot, p95 tick, p99 triangle)")
+    for a in ax:
+        a.set_ylim(bottom=0)
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
     ax[1].legend(fontsize=7, ncol=2)
+    ax[2].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
