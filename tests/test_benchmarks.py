@@ -312,7 +312,6 @@ def test_real_perf_analyzer_run(triton_server, tmp_path):
 # -- GPU script ------------------------------------------------------------------------------------
 
 def test_gpu_script_syntax_and_grid_summary(tmp_path):
-    import runpy
     import shutil
     import subprocess
 
@@ -325,9 +324,10 @@ def test_gpu_script_syntax_and_grid_summary(tmp_path):
 
     shutil.copy(SAMPLE_CSV, tmp_path / "perf_s224_b1_c1-8-1.csv")
     shutil.copy(SAMPLE_CSV, tmp_path / "perf_s224_b1_c1-8-1_shm-system.csv")
-    mod = runpy.run_path(str(root / "benchmarks" / "gpu" / "summarize_grid.py"))
-    md = mod["summarize"](mod["load_grid"](tmp_path))
+    from promptmad.benchmarks import grid
+
+    md = grid.summarize(grid.load_grid(tmp_path))
     best = max(parse_csv(SAMPLE_CSV), key=lambda r: r["Inferences/Second"])
     assert f"| 224x224 | 1 | none | {best['Inferences/Second']:.1f} | {best['Concurrency']} |" in md
     assert "| 224x224 | 1 | system |" in md and md.count("| 224 | 1 |") == 8
-    assert "No perf_s" in mod["summarize"]([])
+    assert "No perf_s" in grid.summarize([])

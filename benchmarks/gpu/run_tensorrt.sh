@@ -129,5 +129,5 @@ say "recording machine, versions and memory"
 cp "$REPO/manifest.json" "$OUT/manifest.json"
 curl -s localhost:8002/metrics > "$OUT/metrics.txt" || true
 docker logs promptmad-trt > "$OUT/tritonserver.log" 2>&1 || true
-tools "python3 benchmarks/gpu/summarize_grid.py $OUT" | tee "$OUT/grid.md"
+tools "python3 -m promptmad.benchmarks.grid $OUT" | tee "$OUT/grid.md"
 say "done: $OUT/grid.md, machine.txt, bench/results.md; fill the GPU table of benchmarks/README.md from them"

@@ -1,6 +1,6 @@
 """Markdown summary of the perf_analyzer grid written by run_tensorrt.sh.
 
-    python benchmarks/gpu/summarize_grid.py bench_results/gpu > grid.md
+    python -m promptmad.benchmarks.grid bench_results/gpu > grid.md
 
 Reads ``perf_s<size>_b<batch>_c<range>[_shm-<kind>].csv`` and prints, per frame size and request
 batch size, the best throughput (frames/s = perf_analyzer's Inferences/Second, which counts every
