@@ -35,7 +35,7 @@ from promptmad.export.onnx_export import (
     step_tensor_shapes,
     tensorrt_op_table,
 )
-from promptmad.training.checkpoint import load_model, sha256_file
+from promptmad.training.checkpoint import load_model, probe_writable, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def export_run(
         require_tensorrt()  # fail before any work, with the place to run it
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    # the repository is staged beside --out and swapped in: its parent must be writable
+    probe_writable(out_dir.resolve().parent, error=ExportError, flag="--out")
     model, info = load_model(run_dir)
     model.eval()
     cfg = model.cfg

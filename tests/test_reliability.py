@@ -254,3 +254,43 @@ def test_disk_full_leaves_no_half_checkpoint_or_repository(tiny_run, tiny_reposi
         export_run(tiny_run, repo, max_batch=4, check_parity=False)
     assert (repo / "manifest.json").read_text() == manifest  # previous repository untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo-")]
+
+
+def test_read_only_output_dir_fails_before_any_work(tiny_dataset, tiny_run, tmp_path, monkeypatch, capsys):
+    """`train`/`export` into a read-only folder: a clear error naming the folder and --out, in the first
+    second (not after the training or the ONNX export), and nothing written."""
+    import errno
+    import tempfile
+
+    from promptmad.cli import main
+
+    read_only = tmp_path / "mnt"
+    read_only.mkdir()
+    real_mkstemp, real_mkdtemp = tempfile.mkstemp, tempfile.mkdtemp
+
+    def refuse(real):
+        def wrapper(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir).resolve().is_relative_to(read_only.resolve()):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(*args, dir=dir, **kwargs)
+        return wrapper
+
+    # root ignores chmod, so the read-only mount is simulated at the file-creation calls
+    monkeypatch.setattr(tempfile, "mkstemp", refuse(real_mkstemp))
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse(real_mkdtemp))
+
+    built = []
+    import promptmad.training.model as model_module
+
+    monkeypatch.setattr(model_module, "build_model", lambda *a, **k: built.append(1))
+    t0 = time.perf_counter()
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(read_only / "run"), "--arch", "tiny", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Read-only file system" in err and str(read_only / "run") in err and "--out" in err, err
+    assert not built and time.perf_counter() - t0 < 30
+    assert not any(p.is_file() for p in read_only.rglob("*"))
+
+    code = main(["export", "--ckpt", str(tiny_run), "--out", str(read_only / "repo"), "--max-batch", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Read-only file system" in err and str(read_only) in err and "--out" in err, err
+    assert not (read_only / "repo").exists() and not any(p.is_file() for p in read_only.rglob("*"))

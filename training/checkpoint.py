@@ -70,6 +70,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def probe_writable(folder: Path, *, error: type[Exception] = CheckpointError, flag: str = "--out") -> None:
+    """Fails in the first second, not after an hour of training or export, when `folder` cannot be
+    written (read-only mount, no permission, full disk): creates it, writes and removes a probe file."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        try:
+            os.write(fd, b"promptmad")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise error(f"{folder}: cannot write there ({exc.strerror or exc}); fix its permissions, free disk space "
+                    f"or choose another {flag}") from exc
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 

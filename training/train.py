@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptmad.errors import ConfigError, DatasetError
-from promptmad.training.checkpoint import RunInfo, atomic_write_text, save_run
+from promptmad.errors import CheckpointError, ConfigError, DatasetError
+from promptmad.training.checkpoint import RunInfo, atomic_write_text, probe_writable, save_run
 from promptmad.training.config import load_arch
 from promptmad.training.losses import reconstruction_loss, segmentation_loss
 
@@ -200,6 +200,8 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
     out = Path(cfg.out)
+    if rank == 0:
+        probe_writable(out)
 
     arch = load_arch(cfg.arch)
     if cfg.use_text_prompts is not None:
@@ -277,16 +279,21 @@ def train(cfg: TrainConfig) -> Path:
         info = RunInfo(arch=arch, classes=classes, prompts=prompt_set.to_dict() | {"sha256": prompt_set.sha256()},
                        calibration=calibration or {}, training=train_info | {"steps_done": step})
         save_run(out, model, info)
-        for c in classes:
-            from PIL import Image
-
-            (out / "prompt_images").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(prompt_frames[class_to_id[c]]).save(out / "prompt_images" / f"{c}.png")
         buf = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                "classes": classes, "arch": json.dumps(arch.to_dict(), sort_keys=True)}
         tmp = state_path.with_suffix(".tmp")
-        torch.save(buf, tmp)
-        os.replace(tmp, state_path)
+        try:
+            for c in classes:
+                from PIL import Image
+
+                (out / "prompt_images").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(prompt_frames[class_to_id[c]]).save(out / "prompt_images" / f"{c}.png")
+            torch.save(buf, tmp)
+            os.replace(tmp, state_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{out}: cannot write the trainer state ({exc.strerror or exc}); free disk space, "
+                                  "fix permissions or choose another --out; the weights written before are intact") from exc
 
     model.train()
     t0 = time.time()
