@@ -86,6 +86,33 @@ def test_diffusion_steps_change_the_output_and_text_prompts_matter():
     assert not torch.allclose(other_class, same)
 
 
+def test_denoiser_feature_term_is_hoisted_out_of_the_steps_without_changing_the_output():
+    """refine() projects the step-independent features once; every step must equal the original
+    conv over [x_t, feats] (the trained weights are shared, so old checkpoints give the same maps)."""
+    import torch.nn.functional as F
+
+    from promptmad.training.model import Denoiser
+
+    torch.manual_seed(0)
+    den = Denoiser(feat_ch=16, ch=8, cond_dim=16, steps=10).eval()
+    x_t, feats, cond = torch.randn(2, 1, 20, 20), torch.randn(2, 16, 20, 20), torch.randn(2, 16)
+    with torch.no_grad():
+        hoisted = den(x_t, feats, 4, cond, projected_feats=den.project_features(feats))
+        direct = den(x_t, feats, 4, cond)
+        h = den.inp(torch.cat([x_t, feats], 1))  # the textbook form the weights were defined with
+        gamma, beta = den.film(cond + den.t_embed.weight[4]).chunk(2, dim=-1)
+        textbook = den.out(den.body(F.gelu(h * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])))
+    assert torch.allclose(hoisted, textbook, atol=1e-5) and torch.allclose(direct, textbook, atol=1e-5)
+
+    calls = []
+    model = tiny_model()
+    den = model.segmentor.denoiser
+    den.project_features = lambda f, _orig=den.project_features: calls.append(1) or _orig(f)
+    with torch.no_grad():
+        model.predict(torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8), torch.tensor([0]))
+    assert model.cfg.diffusion_steps > 1 and len(calls) == 1
+
+
 def test_focal_loss_downweights_easy_pixels():
     target = torch.zeros(1, 1, 8, 8)
     easy = torch.full_like(target, -6.0)
