@@ -155,6 +155,9 @@ def test_short_soak_no_failures_and_bounded_memory(triton_server):
     report = soak(triton_server, seconds=15, concurrency=8, warmup_s=3)
     assert report["failed"] == 0 and report["succeeded"] > 20
     assert report["rss_growth_mib"] < 150, report
+    times = [t for t, _ in report["rss_timeline_mib"]]
+    assert times[0] == 0 and times == sorted(times) and len(times) >= 10  # sampled every second
+    assert abs(report["rss_steady_growth_mib"]) < 150, report
 
 
 def test_composing_model_failing_to_load(tiny_repository, tmp_path):
