@@ -1,0 +1,173 @@
+"""The serving contract, defined once: model and step names, every tensor each step takes and gives
+(name, Triton dtype, per-item shape), the ensembles' wiring and parameters, and the limits.
+
+Everything else derives from this module: the ONNX export names its graph inputs/outputs from
+`STEPS`, the repository writer fills each config.pbtxt's inputs, outputs and ensemble steps from it,
+the client checks the server's metadata against `ENSEMBLE`, the benchmarks build their tensors from
+it. `tests/test_contract.py` holds the exported graphs, the written configs and the client's
+expectations against it, so a rename here (or anywhere else) fails a test instead of a request.
+
+Shapes are per item (batch dimension excluded) and symbolic where they depend on the architecture:
+`S` image size, `S/4`, `S/8`, `G` = S/16 (token grid side), `N` = G*G tokens, `C4`/`C8`/`C16` the
+encoder's channels at strides 4/8/16, `H` the reconstructor width, `D` the text embedding width.
+-1 is a dimension that varies per request. `resolve_dims` turns symbols into numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import numpy as np
+
+Dim = Union[int, str]
+
+# --- names -------------------------------------------------------------------------------------
+MODEL_NAME = "promptmad"  # the served ensemble (raw frames)
+ENCODED_MODEL_NAME = "promptmad_encoded"  # the same ensemble fed PNG/JPEG bytes
+
+# --- limits and defaults --------------------------------------------------------------------------
+MAX_PIXELS_PER_FRAME = 40_000_000  # larger frames are refused (decompression bombs, runaway cameras)
+DEFAULT_THRESHOLD = 0.5  # score threshold of a class that has no calibrated one
+DEFAULT_MAX_BATCH = 8  # max_batch_size of every model unless `promptmad export --max-batch`
+DEFAULT_IMAGE_SIZE = 224
+# image files read from folders (datasets, `promptmad score` sources)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+DEFAULT_RUNTIME = "python-ort"
+
+_NUMPY = {"UINT8": np.uint8, "INT32": np.int32, "FP32": np.float32, "BYTES": np.object_}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One named tensor of the contract: Triton dtype and per-item dims (batch excluded)."""
+
+    name: str
+    dtype: str  # Triton's name: UINT8, INT32, FP32, BYTES
+    dims: tuple[Dim, ...]
+
+    @property
+    def numpy_dtype(self) -> type:
+        return _NUMPY[self.dtype]
+
+    @property
+    def config_type(self) -> str:
+        """The config.pbtxt enum name (BYTES is TYPE_STRING there)."""
+        return "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}"
+
+    def shape(self, sizes: Mapping[str, int] | None = None) -> tuple[int, ...]:
+        return resolve_dims(self.dims, sizes or {})
+
+
+# --- tensors ------------------------------------------------------------------------------------
+IMAGE = Tensor("image", "UINT8", (-1, -1, 3))  # raw RGB frame, any size
+IMAGE_BYTES = Tensor("image_bytes", "BYTES", (1,))  # an encoded PNG/JPEG frame
+CLASS_ID = Tensor("class_id", "INT32", (1,))
+FRAME = Tensor("frame", "UINT8", ("S", "S", 3))  # resized frame, NHWC, the encoder normalises
+ORIGINAL_SIZE = Tensor("original_size", "INT32", (2,))  # (H, W) of the frame as sent
+TEXT_EMBEDDING = Tensor("text_embedding", "FP32", (2, "D"))  # (normal, anomalous) prompt-ensemble means
+PROMPT_TOKENS = Tensor("prompt_tokens", "FP32", ("N", "H"))  # the class's normal-image prompt tokens
+FEAT4 = Tensor("feat4", "FP32", ("C4", "S/4", "S/4"))
+FEAT8 = Tensor("feat8", "FP32", ("C8", "S/8", "S/8"))
+FEAT16 = Tensor("feat16", "FP32", ("C16", "G", "G"))
+RECON16 = Tensor("recon16", "FP32", ("C16", "G", "G"))  # reconstructed normal features
+ANOMALY_MAP_MODEL = Tensor("anomaly_map_model", "FP32", ("S", "S"))  # map at model resolution
+ANOMALY_SCORE = Tensor("anomaly_score", "FP32", (1,))
+ANOMALY_MAP = Tensor("anomaly_map", "FP32", (-1, -1))  # map at the frame's own H x W
+
+
+@dataclass(frozen=True)
+class Step:
+    """One composing model of the ensemble. `engine` steps are exported graphs (ONNX / TensorRT);
+    the others are Python-backend models shipped in `promptmad.model_repository`."""
+
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    engine: bool = False
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+PREPROCESS = Step("preprocess", (IMAGE,), (FRAME, ORIGINAL_SIZE))
+PREPROCESS_ENCODED = Step("preprocess_encoded", (IMAGE_BYTES,), (FRAME, ORIGINAL_SIZE))
+PROMPT_BANK = Step("prompt_bank", (CLASS_ID,), (TEXT_EMBEDDING, PROMPT_TOKENS))
+VISUAL_ENCODER = Step("visual_encoder", (FRAME,), (FEAT4, FEAT8, FEAT16), engine=True)
+RECONSTRUCTOR = Step("reconstructor", (FEAT16, PROMPT_TOKENS, TEXT_EMBEDDING), (RECON16,), engine=True)
+SEGMENTOR = Step("segmentor", (FEAT4, FEAT8, FEAT16, RECON16, TEXT_EMBEDDING), (ANOMALY_MAP_MODEL, ANOMALY_SCORE), engine=True)
+POSTPROCESS = Step("postprocess", (ANOMALY_MAP_MODEL, ORIGINAL_SIZE), (ANOMALY_MAP,))
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """A served ensemble: its inputs/outputs and its steps in execution order. Every step's tensors
+    are wired by name (a tensor keeps its name from the step that makes it to the steps that use it)."""
+
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    steps: tuple[Step, ...]
+
+
+ENSEMBLE = Ensemble(MODEL_NAME, (IMAGE, CLASS_ID), (ANOMALY_SCORE, ANOMALY_MAP),
+                    (PREPROCESS, PROMPT_BANK, VISUAL_ENCODER, RECONSTRUCTOR, SEGMENTOR, POSTPROCESS))
+ENCODED_ENSEMBLE = Ensemble(ENCODED_MODEL_NAME, (IMAGE_BYTES, CLASS_ID), (ANOMALY_SCORE, ANOMALY_MAP),
+                            (PREPROCESS_ENCODED, PROMPT_BANK, VISUAL_ENCODER, RECONSTRUCTOR, SEGMENTOR, POSTPROCESS))
+ENSEMBLES = (ENSEMBLE, ENCODED_ENSEMBLE)
+
+STEPS: dict[str, Step] = {s.name: s for s in
+                          (PREPROCESS, PREPROCESS_ENCODED, PROMPT_BANK, VISUAL_ENCODER, RECONSTRUCTOR, SEGMENTOR, POSTPROCESS)}
+ENGINE_STEPS = tuple(s.name for s in STEPS.values() if s.engine)  # visual_encoder, reconstructor, segmentor
+PYTHON_STEPS = tuple(s.name for s in STEPS.values() if not s.engine)
+ALL_MODELS = (*STEPS, *(e.name for e in ENSEMBLES))  # every folder of a model repository
+
+# Parameters of the `promptmad` ensemble's config that clients read (values are strings; JSON where noted).
+PARAM_CLASS_NAMES = "class_names"  # JSON list, index = class_id
+PARAM_THRESHOLDS = "thresholds"  # JSON object class -> score threshold
+PARAM_IMAGE_SIZE = "image_size"
+PARAM_MANIFEST_SHA256 = "manifest_sha256"
+PARAM_VERSION = "promptmad_version"
+PARAM_RUNTIME = "runtime"
+# Parameters of the Python-backend steps (written by export from the limits above).
+PARAM_MAX_PIXELS = "max_pixels"
+PARAM_INPUT_KIND = "input_kind"
+
+
+def resolve_dims(dims: tuple[Dim, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """Numbers for symbolic dims. `sizes` gives S, C4, C8, C16, H and D; S/4, S/8, G and N follow
+    from S. A symbol that cannot be resolved raises KeyError naming it."""
+    known = dict(sizes)
+    if "S" in known:
+        s = int(known["S"])
+        known.update({"S/4": s // 4, "S/8": s // 8, "G": s // 16, "N": (s // 16) ** 2})
+    out = []
+    for d in dims:
+        if isinstance(d, int):
+            out.append(d)
+        elif d in known:
+            out.append(int(known[d]))
+        else:
+            raise KeyError(f"dimension {d!r} needs a size (have {sorted(known)})")
+    return tuple(out)
+
+
+def tensor_shapes(sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Per-item shape of every fixed-shape tensor of the contract for one architecture."""
+    shapes = {}
+    for step in STEPS.values():
+        for t in (*step.inputs, *step.outputs):
+            shapes[t.name] = t.shape(sizes)
+    return shapes
+
+
+def triton_metadata_shape(tensor: Tensor) -> list[int]:
+    """The shape Triton reports in model metadata for a batched model's tensor: [-1, *dims]."""
+    return [-1, *[d if isinstance(d, int) else -1 for d in tensor.dims]]
