@@ -222,6 +222,27 @@ def output_shm_bytes(frames: Iterable[np.ndarray], batch_size: int = 1) -> int:
 
 # -- argv ----------------------------------------------------------------------------------------
 
+def _check_argv(protocol, shared_memory, measurement_mode, concurrency_range, batch_size, request_count, percentile) -> None:
+    """Refuses, naming the field, what perf_analyzer would reject less clearly (or accept wrongly)."""
+    if protocol not in ("grpc", "http"):
+        raise BenchError(f"protocol {protocol!r}: use 'grpc' or 'http'")
+    if shared_memory not in ("none", "system", "cuda"):
+        raise BenchError(f"shared_memory {shared_memory!r}: use 'none', 'system' (same host) or 'cuda' (same GPU host)")
+    if measurement_mode not in ("count_windows", "time_windows"):
+        raise BenchError(f"measurement_mode {measurement_mode!r}: use 'count_windows' or 'time_windows'")
+    if len(concurrency_range) != 3:
+        raise BenchError(f"concurrency_range {concurrency_range!r}: give (start, end, step), e.g. (1, 8, 1)")
+    lo, hi, step = (int(x) for x in concurrency_range)
+    if not 1 <= lo <= hi or step < 1:
+        raise BenchError(f"concurrency_range {concurrency_range}: need 1 <= start <= end and step >= 1, e.g. (1, 16, 2)")
+    if batch_size < 1:
+        raise BenchError(f"batch_size {batch_size}: must be >= 1 (and <= the model's max_batch_size)")
+    if request_count < 1:
+        raise BenchError(f"measurement_request_count {request_count}: must be >= 1")
+    if percentile is not None and not 1 <= int(percentile) <= 99:
+        raise BenchError(f"percentile {percentile}: use 1..99 (e.g. 95) or None for the average latency")
+
+
 def build_argv(
     model: str,
     url: str,
@@ -250,23 +271,8 @@ def build_argv(
     average (and drops the ``Avg latency`` column of ``--verbose-csv``); ``shared_memory="system"``
     passes inputs and outputs through POSIX shared memory (client and server on one host).
     """
-    if protocol not in ("grpc", "http"):
-        raise BenchError(f"protocol {protocol!r}: use 'grpc' or 'http'")
-    if shared_memory not in ("none", "system", "cuda"):
-        raise BenchError(f"shared_memory {shared_memory!r}: use 'none', 'system' (same host) or 'cuda' (same GPU host)")
-    if measurement_mode not in ("count_windows", "time_windows"):
-        raise BenchError(f"measurement_mode {measurement_mode!r}: use 'count_windows' or 'time_windows'")
-    if len(concurrency_range) != 3:
-        raise BenchError(f"concurrency_range {concurrency_range!r}: give (start, end, step), e.g. (1, 8, 1)")
+    _check_argv(protocol, shared_memory, measurement_mode, concurrency_range, batch_size, measurement_request_count, percentile)
     lo, hi, step = (int(x) for x in concurrency_range)
-    if not 1 <= lo <= hi or step < 1:
-        raise BenchError(f"concurrency_range {concurrency_range}: need 1 <= start <= end and step >= 1, e.g. (1, 16, 2)")
-    if batch_size < 1:
-        raise BenchError(f"batch_size {batch_size}: must be >= 1 (and <= the model's max_batch_size)")
-    if measurement_request_count < 1:
-        raise BenchError(f"measurement_request_count {measurement_request_count}: must be >= 1")
-    if percentile is not None and not 1 <= int(percentile) <= 99:
-        raise BenchError(f"percentile {percentile}: use 1..99 (e.g. 95) or None for the average latency")
     argv = [
         str(executable or find_perf_analyzer()), "-m", model, "-u", url, "-i", protocol,
         "-b", str(batch_size), "--input-data", str(input_data),
@@ -345,6 +351,29 @@ def _latency_parts(line: str) -> dict[str, int]:
     return out
 
 
+# "<label>: <number>" lines of a report section -> (key, type)
+_FIELDS = (
+    (re.compile(r"Request count: (\d+)"), "request_count", int),
+    (re.compile(r"Throughput: ([\d.]+) infer/sec"), "throughput", float),
+    (re.compile(r"Avg latency: (\d+) usec"), "avg_us", int),
+    (re.compile(r"Inference count: (\d+)"), "inference_count", int),
+    (re.compile(r"Execution count: (\d+)"), "execution_count", int),
+    (re.compile(r"Successful request count: (\d+)"), "success_count", int),
+)
+
+
+def _report_fields(line: str) -> dict:
+    """The figures one line of a Client/Server/composing-model section gives ({} for none)."""
+    if m := re.match(r"(p\d+) latency: (\d+) usec", line):
+        return {f"{m.group(1)}_us": int(m.group(2))}
+    if line.startswith("Avg request latency"):
+        return _latency_parts(line)
+    for pattern, key, kind in _FIELDS:
+        if m := pattern.match(line):
+            return {key: kind(m.group(1))}
+    return {}
+
+
 def parse_report(text: str) -> dict[int, dict]:
     """perf_analyzer's stdout report -> {concurrency: {"client": {...}, "server": {...},
     "composing": {model: {...}}}}. Client keys: request_count, throughput, p50_us.., avg_us;
@@ -380,24 +409,8 @@ def parse_report(text: str) -> dict[int, dict]:
         if m and section == "composing":
             target = cur["composing"].setdefault(m.group(1), {"version": m.group(2)})
             continue
-        if target is None:
-            continue
-        if m := re.match(r"Request count: (\d+)", line):
-            target["request_count"] = int(m.group(1))
-        elif m := re.match(r"Throughput: ([\d.]+) infer/sec", line):
-            target["throughput"] = float(m.group(1))
-        elif m := re.match(r"(p\d+) latency: (\d+) usec", line):
-            target[f"{m.group(1)}_us"] = int(m.group(2))
-        elif m := re.match(r"Avg latency: (\d+) usec", line):
-            target["avg_us"] = int(m.group(1))
-        elif m := re.match(r"Inference count: (\d+)", line):
-            target["inference_count"] = int(m.group(1))
-        elif m := re.match(r"Execution count: (\d+)", line):
-            target["execution_count"] = int(m.group(1))
-        elif m := re.match(r"Successful request count: (\d+)", line):
-            target["success_count"] = int(m.group(1))
-        elif line.startswith("Avg request latency"):
-            target.update(_latency_parts(line))
+        if target is not None:
+            target.update(_report_fields(line))
     return out
 
 
