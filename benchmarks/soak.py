@@ -9,92 +9,92 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from promptmad import contract
+from promptmad.benchmarks.memory import group_memory_mib
 
-def group_rss_mib(pid: int) -> float:
-    """Current resident memory of the server's process group (server + Python-backend stubs)."""
-    total = 0
-    pgid = os.getpgid(pid)
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
+
+class _Load:
+    """``concurrency`` threads, each one request at a time until ``stop_at``, counting outcomes."""
+
+    def __init__(self, grpc_url: str, frames: list[np.ndarray], class_ids, stop_at: float):
+        self.grpc_url, self.frames, self.class_ids, self.stop_at = grpc_url, frames, class_ids, stop_at
+        self.succeeded, self.failed = 0, 0
+        self.errors: list[str] = []
+        self.latencies: list[float] = []
+        self.lock = threading.Lock()
+
+    def worker(self, k: int) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        i = 0
+        while time.monotonic() < self.stop_at:
+            img, cid = self.frames[(k + i) % len(self.frames)], self.class_ids[(k + i) % len(self.class_ids)]
+            a = grpcclient.InferInput(contract.IMAGE.name, list(img.shape), contract.IMAGE.dtype)
+            a.set_data_from_numpy(img)
+            b = grpcclient.InferInput(contract.CLASS_ID.name, [1, 1], contract.CLASS_ID.dtype)
+            b.set_data_from_numpy(np.array([[cid]], contract.CLASS_ID.numpy_dtype))
+            t0 = time.perf_counter()
             try:
-                if os.getpgid(int(p.name)) == pgid:
-                    for line in (p / "status").read_text().splitlines():
-                        if line.startswith("VmRSS"):
-                            total += int(line.split()[1])
-            except (OSError, ProcessLookupError):
-                pass
-    return total / 1024
+                client.infer(contract.MODEL_NAME, [a, b], client_timeout=60)
+                with self.lock:
+                    self.succeeded += 1
+                    self.latencies.append(time.perf_counter() - t0)
+            except Exception as exc:  # any failure is the soak's finding: counted and reported, not hidden
+                with self.lock:
+                    self.failed += 1
+                    self.errors.append(str(exc)[:200])
+            i += 1
+        client.close()
 
 
 def soak(server, *, seconds: float = 60, concurrency: int = 16, warmup_s: float = 5, class_ids=(0,), sizes=((96, 128),)) -> dict:
     """Bounded in count and time: `concurrency` threads, each one request at a time, for `seconds`."""
-    import tritonclient.grpc as grpcclient
-
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (1, h, w, 3), dtype=np.uint8) for h, w in sizes]
-    stats = {"succeeded": 0, "failed": 0, "errors": []}
-    lock = threading.Lock()
-    stop_at = [time.monotonic() + warmup_s + seconds]
-    latencies: list[float] = []
-
-    def worker(k):
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        i = 0
-        while time.monotonic() < stop_at[0]:
-            img = frames[(k + i) % len(frames)]
-            a = grpcclient.InferInput("image", list(img.shape), "UINT8")
-            a.set_data_from_numpy(img)
-            b = grpcclient.InferInput("class_id", [1, 1], "INT32")
-            b.set_data_from_numpy(np.array([[class_ids[(k + i) % len(class_ids)]]], np.int32))
-            t0 = time.perf_counter()
-            try:
-                client.infer("promptmad", [a, b], client_timeout=60)
-                with lock:
-                    stats["succeeded"] += 1
-                    latencies.append(time.perf_counter() - t0)
-            except Exception as exc:
-                with lock:
-                    stats["failed"] += 1
-                    stats["errors"].append(str(exc)[:200])
-            i += 1
-        client.close()
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
+    load = _Load(server.grpc_url, frames, class_ids, time.monotonic() + warmup_s + seconds)
+    threads = [threading.Thread(target=load.worker, args=(k,), daemon=True) for k in range(concurrency)]
     t_start = time.monotonic()
     for t in threads:
         t.start()
     time.sleep(warmup_s)
-    rss_start = group_rss_mib(server.pid)
-    ok_start = stats["succeeded"]
-    rss_peak = rss_start
-    timeline = [(0.0, rss_start)]  # (seconds since the warm-up ended, MiB)
+    ok_start = load.succeeded
+    timeline = _watch_memory(server.pid, threads, t_start + warmup_s)
+    measured = timeline[-1][0]
+    lat = np.array(load.latencies[ok_start:] or [float("nan")]) * 1000
+    return {
+        "seconds": seconds, "concurrency": concurrency, "succeeded": load.succeeded, "failed": load.failed,
+        "errors": load.errors[:5], "fps": (load.succeeded - ok_start) / max(measured, 1e-9),
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), **_memory_report(timeline),
+    }
+
+
+def _watch_memory(pid: int, threads: list[threading.Thread], t0: float) -> list[tuple[float, float]]:
+    """(seconds since ``t0``, server MiB) every second until the threads end, and once after."""
+    timeline = [(0.0, group_memory_mib(pid))]
     while any(t.is_alive() for t in threads):
-        now = group_rss_mib(server.pid)
-        rss_peak = max(rss_peak, now)
-        timeline.append((time.monotonic() - t_start - warmup_s, now))
+        timeline.append((time.monotonic() - t0, group_memory_mib(pid)))
         time.sleep(1)
     for t in threads:
         t.join()
-    rss_end = group_rss_mib(server.pid)
-    measured = time.monotonic() - t_start - warmup_s
-    timeline.append((measured, rss_end))
-    half = measured / 2
-    rss_half = min(timeline, key=lambda tm: abs(tm[0] - half))[1]
+    timeline.append((time.monotonic() - t0, group_memory_mib(pid)))
+    return timeline
+
+
+def _memory_report(timeline: list[tuple[float, float]]) -> dict:
+    start, end = timeline[0][1], timeline[-1][1]
+    half = timeline[-1][0] / 2
+    at_half = min(timeline, key=lambda tm: abs(tm[0] - half))[1]
     step = max(1, len(timeline) // 30)  # ~30 points in the report
-    lat = np.array(latencies[ok_start:] or [float("nan")]) * 1000
     return {
-        "seconds": seconds, "concurrency": concurrency, "succeeded": stats["succeeded"], "failed": stats["failed"],
-        "errors": stats["errors"][:5], "fps": (stats["succeeded"] - ok_start) / max(measured, 1e-9),
-        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-        "rss_start_mib": rss_start, "rss_end_mib": rss_end, "rss_peak_mib": rss_peak, "rss_growth_mib": rss_end - rss_start,
-        "rss_steady_growth_mib": rss_end - rss_half,  # second half of the run
+        "rss_start_mib": start, "rss_end_mib": end, "rss_peak_mib": max(m for _, m in timeline),
+        "rss_growth_mib": end - start, "rss_steady_growth_mib": end - at_half,  # second half of the run
         "rss_timeline_mib": [[round(t, 1), round(m, 1)] for t, m in timeline[::step] + timeline[-1:]],
     }
 
