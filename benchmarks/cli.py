@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     g.add_argument("--repo", default="model_repository",
                    help="exported model repository to serve (default: model_repository); its ONNX graphs are also "
                         "used for the in-process ONNX Runtime figure")
-    g.add_argument("--url", "--grpc-url", dest="url", metavar="HOST:PORT",
+    g.add_argument("--url", metavar="HOST:PORT",
                    help="gRPC address of a running Triton server; no server is started")
     g.add_argument("--server-pid", type=int, help="with --url: pid of that server, for its peak memory")
     g.add_argument("--run", help="training run for the PyTorch eager figure (default: the checkpoint named in the "
@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     m.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
     m.add_argument("--concurrency", type=_range, default=(1, 8, 1), metavar="START:END[:STEP]",
                    help="requests in flight to sweep (default: 1:8:1)")
-    m.add_argument("--image-size", "--sizes", dest="sizes", type=int, nargs="+", default=[256], metavar="PX",
+    m.add_argument("--image-size", dest="sizes", type=int, nargs="+", default=[256], metavar="PX",
                    help="frame sizes (square) to send; the model's own size is always added (default: 256)")
     m.add_argument("--frames", type=int, default=32, help="distinct test frames cycled through (default: 32)")
     m.add_argument("--request-count", type=int, default=40,
@@ -112,8 +112,9 @@ def _manifest_defaults(repo: Path) -> tuple[str | None, str | None]:
 
 
 def _bench(args) -> int:
-    from promptmad.benchmarks.compare import format_markdown, run_benchmark
+    from promptmad.benchmarks.compare import run_benchmark
     from promptmad.benchmarks.perf_analyzer import check_perf_analyzer
+    from promptmad.benchmarks.report import format_markdown
 
     print(check_perf_analyzer())
     repo = Path(args.repo) if args.repo else None

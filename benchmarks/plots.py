@@ -12,12 +12,13 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from promptmad import contract
+
 log = logging.getLogger(__name__)
 
-STEP_COLORS = {
-    "preprocess": "#9ecae1", "prompt_bank": "#c6dbef", "visual_encoder": "#3182bd", "reconstructor": "#31a354",
-    "segmentor": "#e6550d", "postprocess": "#fdae6b",
-}
+# one colour per composing model, in the ensemble's step order (pale: the Python steps, strong: the engines)
+STEP_COLORS = dict(zip((s.name for s in contract.ENSEMBLE.steps),
+                       ("#9ecae1", "#c6dbef", "#3182bd", "#31a354", "#e6550d", "#fdae6b"), strict=True))
 
 
 def _plt():
@@ -135,7 +136,7 @@ def plot_breakdown(breakdown: dict, path: Path, title: str = "") -> Path:
     plt = _plt()
     names = list(breakdown)
     compute = [breakdown[n]["compute_ms_per_frame"] for n in names]
-    queue = [breakdown[n].get("queue_ms_per_request", breakdown[n].get("queue_ms_per_frame", 0.0)) for n in names]
+    queue = [breakdown[n]["queue_ms_per_request"] for n in names]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.8))
     ax.barh(names, compute, label="compute per frame", color=[STEP_COLORS.get(n, "C0") for n in names])
     ax.barh(names, queue, left=compute, label="queue per request", color="#bdbdbd", hatch="//", edgecolor="white")

@@ -3,9 +3,9 @@ over gRPC, with and without ``--shared-memory system``) and each composing model
 
 Composing-model input data: when the repository holds the ONNX graphs (runtimes ``python-ort`` and
 ``onnxruntime``), each step is fed the *real* intermediate tensors of the same frames, computed
-in-process with ONNX Runtime (visual encoder -> reconstructor -> segmentor, prompt tables of the
-repository). For a ``tensorrt`` repository (engines only) the inputs are random tensors of the shapes
-and dtypes the server reports (``input_source`` in the results says which).
+in-process by :class:`promptmad.benchmarks.onnx_chain.OnnxChain`. For a ``tensorrt`` repository
+(engines only) the inputs are random tensors of the shapes the server reports and the dtypes of the
+contract (``input_source`` in the results says which).
 
 Every sweep writes ``perf_<label>.csv`` (perf_analyzer ``-f``), ``perf_<label>.log`` (its report,
 with the per-composing-model breakdown of each concurrency) and ``input_<label>.json``.
@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from promptmad import contract
+from promptmad.benchmarks.onnx_chain import OnnxChain, has_onnx_graphs
 from promptmad.benchmarks.perf_analyzer import (
     BenchError,
     build_argv,
@@ -33,9 +35,7 @@ from promptmad.benchmarks.perf_analyzer import (
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE = "promptmad"
-STEPS = ("preprocess", "prompt_bank", "visual_encoder", "reconstructor", "segmentor", "postprocess")
-ONNX_STEPS = ("visual_encoder", "reconstructor", "segmentor")
+STEPS = tuple(s.name for s in contract.ENSEMBLE.steps)  # the composing models, in execution order
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SweepResult:
     per-composing-model breakdown parsed from perf_analyzer's report (ensembles only)."""
 
     label: str
-    model: str = ENSEMBLE
+    model: str = contract.MODEL_NAME
     rows: list[dict] = field(default_factory=list)
     report: dict[int, dict] = field(default_factory=dict)
     stable: bool = True
@@ -54,10 +54,6 @@ class SweepResult:
     def best(self) -> dict:
         """Row with the highest throughput."""
         return max(self.rows, key=lambda r: r["Inferences/Second"]) if self.rows else {}
-
-    def at(self, concurrency: int) -> dict:
-        """Row measured at that concurrency ({} when it was not in the sweep)."""
-        return next((r for r in self.rows if r.get("Concurrency") == concurrency), {})
 
     def first(self) -> dict:
         return self.rows[0] if self.rows else {}
@@ -114,7 +110,7 @@ def sweep_ensemble(
     concurrency: tuple[int, int, int] = (1, 8, 1),
     shared_memory: str = "none",
     request_count: int = 40,
-    model: str = ENSEMBLE,
+    model: str = contract.MODEL_NAME,
     batch_size: int = 1,
 ) -> SweepResult:
     """The ensemble on real frames (cycled in order, each with its class id)."""
@@ -124,82 +120,61 @@ def sweep_ensemble(
                      batch_size=batch_size)
 
 
-def has_onnx_graphs(repo: Path | str | None) -> bool:
-    return repo is not None and all((Path(repo) / s / "1" / "model.onnx").is_file() for s in ONNX_STEPS)
+Feeds = dict[str, list[dict[str, np.ndarray]]]  # step -> one {input name: per-item array} per frame
 
 
-def composing_inputs(repo: Path | str, frames: Sequence[np.ndarray], class_ids: Sequence[int], n: int = 4) -> dict[str, list[dict[str, np.ndarray]]]:
+def composing_inputs(repo: Path | str, frames: Sequence[np.ndarray], class_ids: Sequence[int], n: int = 4) -> Feeds:
     """Real per-item input tensors of every composing model for the first ``n`` frames, computed by
     the repository's ONNX graphs and prompt tables in-process (what the ensemble would pass on)."""
-    import onnxruntime as ort
-
-    from promptmad.training.data.datasets import resize_rgb
-
-    repo = Path(repo)
-    if not has_onnx_graphs(repo):
-        raise BenchError(f"{repo}: no visual_encoder/reconstructor/segmentor model.onnx (a tensorrt repository?); "
-                         "use random_composing_inputs")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = {s: ort.InferenceSession(str(repo / s / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"]) for s in ONNX_STEPS}
-    text = np.load(repo / "prompt_bank" / "1" / "text_table.npy")
-    prompts = np.load(repo / "prompt_bank" / "1" / "prompt_table.npy")
-    size = int(sess["visual_encoder"].get_inputs()[0].shape[1])
-    out: dict[str, list[dict[str, np.ndarray]]] = {k: [] for k in STEPS}
+    chain = OnnxChain(repo, threads=1)
+    out: Feeds = {s: [] for s in STEPS}
     for frame, cid in list(zip(frames, class_ids))[:n]:
-        x = resize_rgb(frame, size)
-        f4, f8, f16 = sess["visual_encoder"].run(None, {"frame": x[None]})
-        t, p = text[cid][None].astype(np.float32), prompts[cid][None].astype(np.float32)
-        (rec,) = sess["reconstructor"].run(None, {"feat16": f16, "prompt_tokens": p, "text_embedding": t})
-        amap, _ = sess["segmentor"].run(None, {"feat4": f4, "feat8": f8, "feat16": f16, "recon16": rec, "text_embedding": t})
-        out["preprocess"].append({"image": np.ascontiguousarray(frame, np.uint8)})
-        out["prompt_bank"].append({"class_id": np.array([cid], np.int32)})
-        out["visual_encoder"].append({"frame": x})
-        out["reconstructor"].append({"feat16": f16[0], "prompt_tokens": p[0], "text_embedding": t[0]})
-        out["segmentor"].append({"feat4": f4[0], "feat8": f8[0], "feat16": f16[0], "recon16": rec[0], "text_embedding": t[0]})
-        out["postprocess"].append({"anomaly_map_model": amap[0].astype(np.float32),
-                                   "original_size": np.array(frame.shape[:2], np.int32)})
+        tensors = chain.run(frame, cid)
+        for step in contract.ENSEMBLE.steps:
+            out[step.name].append({name: tensors[name][0] for name in step.input_names})
     return out
 
 
-_NP = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP16": np.float16}
-
-
 def random_composing_inputs(grpc_url: str, frames: Sequence[np.ndarray], class_ids: Sequence[int], n: int = 4,
-                            steps: Sequence[str] = STEPS) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Inputs from the server's model metadata: random tensors of the declared shapes and dtypes
-    (features in [0, 1)), real frames for ``preprocess`` and real class ids for ``prompt_bank``."""
+                            steps: Sequence[str] = STEPS) -> Feeds:
+    """Inputs from the server's model metadata: random tensors (features in [0, 1)) of the shapes it
+    declares, in the contract's dtypes; real frames, class ids and frame sizes where a step takes them."""
     import tritonclient.grpc as grpcclient
 
     rng = np.random.default_rng(0)
+    pairs = list(zip(frames, class_ids))[:n]
     client = grpcclient.InferenceServerClient(grpc_url)
     try:
-        out: dict[str, list[dict[str, np.ndarray]]] = {}
-        for step in steps:
-            meta = client.get_model_metadata(step, as_json=True)
-            cfg = client.get_model_config(step, as_json=True)["config"]
-            batched = int(cfg.get("max_batch_size", 0)) > 0
-            feeds = []
-            for i, (frame, cid) in enumerate(list(zip(frames, class_ids))[:n]):
-                feed = {}
-                for inp in meta["inputs"]:
-                    name, dtype = inp["name"], _NP[inp["datatype"]]
-                    shape = [int(s) for s in inp["shape"]][1 if batched else 0:]
-                    if name == "image":
-                        feed[name] = np.ascontiguousarray(frame, np.uint8)
-                    elif name == "class_id":
-                        feed[name] = np.array([cid], np.int32)
-                    elif name == "original_size":
-                        feed[name] = np.array(frame.shape[:2], np.int32)
-                    elif any(s < 0 for s in shape):
-                        raise BenchError(f"{step} input {name} has a variable shape {shape}; give its inputs explicitly")
-                    else:
-                        feed[name] = rng.random(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
-                feeds.append(feed)
-            out[step] = feeds
-        return out
+        return {step: [_random_feed(contract.STEPS[step], _served_shapes(client, step), frame, cid, rng) for frame, cid in pairs]
+                for step in steps}
     finally:
         client.close()
+
+
+def _served_shapes(client, step: str) -> dict[str, list[int]]:
+    """Per-item shape of each input of ``step`` as the server declares it."""
+    meta = client.get_model_metadata(step, as_json=True)
+    batched = int(client.get_model_config(step, as_json=True)["config"].get("max_batch_size", 0)) > 0
+    return {i["name"]: [int(d) for d in i["shape"]][1 if batched else 0:] for i in meta["inputs"]}
+
+
+def _random_feed(step: contract.Step, shapes: dict[str, list[int]], frame: np.ndarray, cid: int, rng) -> dict[str, np.ndarray]:
+    real = {contract.IMAGE.name: np.ascontiguousarray(frame), contract.CLASS_ID.name: [cid],
+            contract.ORIGINAL_SIZE.name: frame.shape[:2]}
+    feed = {}
+    for t in step.inputs:
+        if t.name in real:
+            feed[t.name] = np.asarray(real[t.name], t.numpy_dtype)
+            continue
+        shape = shapes.get(t.name)
+        if shape is None:
+            raise BenchError(f"{step.name}: the server declares no input {t.name!r} (inputs {sorted(shapes)}); "
+                             "is its repository from this version of promptmad?")
+        if any(d < 0 for d in shape):
+            raise BenchError(f"{step.name} input {t.name} has a variable shape {shape}; give its inputs explicitly")
+        dtype = t.numpy_dtype
+        feed[t.name] = rng.random(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+    return feed
 
 
 def sweep_composing(
@@ -219,7 +194,7 @@ def sweep_composing(
     from tqdm import tqdm
 
     if has_onnx_graphs(repo):
-        feeds, source = composing_inputs(repo, frames, class_ids), "onnx-in-process"  # type: ignore[arg-type]
+        feeds, source = composing_inputs(repo, frames, class_ids), "onnx-in-process"
     else:
         feeds, source = random_composing_inputs(grpc_url, frames, class_ids, steps=steps), "random"
     results = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from promptmad.benchmarks.compare import comparison_rows, format_markdown, step_breakdown, write_comparison_csv
+from promptmad import contract
 from promptmad.benchmarks.perf_analyzer import (
     BenchError,
     build_argv,
@@ -36,6 +36,8 @@ from promptmad.benchmarks.perf_analyzer import (
     read_input_data,
     run,
 )
+from promptmad.benchmarks.report import comparison_rows, format_markdown, write_comparison_csv
+from promptmad.benchmarks.server_stats import step_breakdown
 from promptmad.benchmarks.sweep import STEPS, SweepResult
 
 DATA = Path(__file__).parent / "data"
@@ -255,7 +257,7 @@ def test_plots_from_real_sample(tmp_path):
     from promptmad.benchmarks.plots import plot_breakdown, plot_step_latency, plot_sweeps
 
     sw = SweepResult("ensemble", rows=parse_csv(SAMPLE_CSV), report=parse_report(SAMPLE_LOG.read_text()))
-    assert sw.best()["Concurrency"] in (3, 4) and sw.first()["Concurrency"] == 1 and sw.at(2)["Concurrency"] == 2
+    assert sw.best()["Concurrency"] in (3, 4) and sw.first()["Concurrency"] == 1
     b = {n: {"compute_ms_per_frame": 1.0 + i, "queue_ms_per_request": 0.5, "avg_batch": 1.0} for i, n in enumerate(STEPS)}
     for path in (plot_sweeps([sw], tmp_path / "a.png"), plot_step_latency(sw, tmp_path / "b.png", steps=STEPS),
                  plot_breakdown(b, tmp_path / "c.png")):
@@ -283,6 +285,78 @@ def test_cli_parses_and_documents():
         assert needle in help_text, needle
 
 
+# -- machine, memory ------------------------------------------------------------------------------
+
+def test_machine_description_says_why_perf_analyzer_is_missing(tmp_path, monkeypatch):
+    from promptmad.benchmarks.machine import machine_description
+
+    fake = _fake_binary(tmp_path / "perf_analyzer",
+                        "perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open shared object file", 127)
+    monkeypatch.setenv("PERF_ANALYZER", str(fake))
+    m = machine_description()
+    assert m["perf_analyzer"].startswith("unavailable (") and "libb64" in m["perf_analyzer"]
+    assert m["onnxruntime"][0].isdigit() and m["cores"].isdigit()
+    assert "perf_analyzer unavailable (" in format_markdown({**_summary(), "machine": {**_summary()["machine"], **m}})
+
+
+def test_group_memory_of_a_process_group():
+    from promptmad.benchmarks.memory import group_memory_mib
+
+    rss, peak = group_memory_mib(os.getpid()), group_memory_mib(os.getpid(), "VmHWM")
+    assert 10 < rss <= peak  # this test process alone holds numpy and pytest
+    assert np.isnan(group_memory_mib(None)) and np.isnan(group_memory_mib(2**22 + 1))  # above pid_max: no such process
+
+
+# -- the in-process ONNX Runtime chain -----------------------------------------------------------
+
+def _direct_onnxruntime(repo: Path, frame: np.ndarray, cid: int) -> dict[str, np.ndarray]:
+    """The three graphs run by hand with literal names: what the chain must reproduce."""
+    import onnxruntime as ort
+
+    from promptmad.training.data.datasets import resize_rgb
+
+    sess = {s: ort.InferenceSession(str(repo / s / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+            for s in ("visual_encoder", "reconstructor", "segmentor")}
+    text = np.load(repo / "prompt_bank" / "1" / "text_table.npy")[cid][None].astype(np.float32)
+    prompts = np.load(repo / "prompt_bank" / "1" / "prompt_table.npy")[cid][None].astype(np.float32)
+    size = int(sess["visual_encoder"].get_inputs()[0].shape[1])
+    f4, f8, f16 = sess["visual_encoder"].run(None, {"frame": resize_rgb(frame, size)[None]})
+    (rec,) = sess["reconstructor"].run(None, {"feat16": f16, "prompt_tokens": prompts, "text_embedding": text})
+    amap, score = sess["segmentor"].run(None, {"feat4": f4, "feat8": f8, "feat16": f16, "recon16": rec, "text_embedding": text})
+    return {"feat16": f16, "recon16": rec, "anomaly_map_model": amap, "anomaly_score": score}
+
+
+def test_onnx_chain_equals_a_direct_onnxruntime_run(tiny_repository):
+    from promptmad.benchmarks.onnx_chain import OnnxChain, has_onnx_graphs
+
+    assert has_onnx_graphs(tiny_repository) and not has_onnx_graphs(None)
+    chain = OnnxChain(tiny_repository, threads=1)
+    frame = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    for cid in (0, 2):
+        got, want = chain.run(frame, cid), _direct_onnxruntime(tiny_repository, frame, cid)
+        for name, arr in want.items():
+            np.testing.assert_allclose(got[name], arr, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert got["original_size"].tolist() == [[70, 90]] and got["class_id"].tolist() == [[cid]]
+
+
+def test_composing_inputs_are_each_steps_contract_inputs(tiny_repository):
+    from promptmad.benchmarks.baselines import onnxruntime_predictor
+    from promptmad.benchmarks.sweep import composing_inputs
+
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 48 + 8 * i, 3), dtype=np.uint8) for i in range(3)]
+    feeds = composing_inputs(tiny_repository, frames, [1, 0, 2], n=2)
+    assert list(feeds) == list(STEPS) and all(len(f) == 2 for f in feeds.values())
+    for step in contract.ENSEMBLE.steps:
+        for feed in feeds[step.name]:
+            assert tuple(feed) == step.input_names
+            assert all(feed[t.name].dtype == t.numpy_dtype for t in step.inputs), step.name
+    np.testing.assert_array_equal(feeds["preprocess"][1]["image"], frames[1])
+    want = _direct_onnxruntime(tiny_repository, frames[1], 0)
+    np.testing.assert_allclose(feeds["postprocess"][1]["anomaly_map_model"], want["anomaly_map_model"][0], rtol=1e-5, atol=1e-6)
+    amap = np.asarray(onnxruntime_predictor(tiny_repository, threads=1)(frames[1], 0))
+    assert amap.shape == frames[1].shape[:2]
+
+
 # -- real perf_analyzer against the real server --------------------------------------------------
 
 @pytest.mark.server
@@ -307,6 +381,21 @@ def test_real_perf_analyzer_run(triton_server, tmp_path):
                      measurement_request_count=4)
     with pytest.raises(BenchError, match="failed"):
         run(bad, timeout=60)
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+def test_random_composing_inputs_match_the_real_ones(triton_server, tiny_repository):
+    from promptmad.benchmarks.sweep import composing_inputs, random_composing_inputs
+
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(2)]
+    real = composing_inputs(tiny_repository, frames, [0, 1], n=2)
+    rand = random_composing_inputs(triton_server.grpc_url, frames, [0, 1], n=2)
+    assert list(rand) == list(real)
+    for step, feeds in real.items():
+        for r, q in zip(feeds, rand[step]):
+            assert {k: (v.shape, v.dtype) for k, v in r.items()} == {k: (v.shape, v.dtype) for k, v in q.items()}, step
+    np.testing.assert_array_equal(rand["preprocess"][1]["image"], frames[1])
 
 
 # -- GPU script ------------------------------------------------------------------------------------

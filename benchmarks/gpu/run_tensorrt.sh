@@ -83,7 +83,8 @@ for S in $SIZES; do
   say "input data: 64 real test frames at ${S}x${S}"
   tools "python3 - <<'EOF'
 from pathlib import Path
-from promptmad.benchmarks.compare import ensemble_parameters, load_frames
+from promptmad.benchmarks.frames import load_frames
+from promptmad.benchmarks.server_stats import ensemble_parameters
 from promptmad.benchmarks.perf_analyzer import build_input_data
 names = ensemble_parameters('localhost:8001')['class_names']
 frames, classes = load_frames('$DATA', n=64, size=$S)

@@ -1,0 +1,134 @@
+"""The benchmark's written results: the FPS ratios between systems, and the summary as
+``results.json``, ``results.md`` (the table to paste into a report) and ``comparison.csv``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+NAN = float("nan")
+CSV_FIELDS = ["frames", "system", "mode", "fps", "p50_ms", "p99_ms", "vs_pytorch_b1", "vs_onnxruntime_b1", "stable"]
+
+
+def point(row: dict) -> dict:
+    """The figures of one perf_analyzer row that the results keep."""
+    keys = ("Concurrency", "Inferences/Second", "p50 latency", "p95 latency", "p99 latency", "stable")
+    return {k: row.get(k) for k in keys if k in row}
+
+
+def _baseline_fps(res: dict) -> tuple[float, float]:
+    return res.get("pytorch_eager_b1", {}).get("fps", NAN), res.get("onnxruntime_b1", {}).get("fps", NAN)
+
+
+def ratios(res: dict) -> dict[str, float]:
+    """Triton's best and concurrency-1 throughput over each in-process baseline's (NaN if unmeasured)."""
+    best = (res.get("triton_best") or {}).get("Inferences/Second", NAN)
+    c1 = (res.get("triton_c1") or {}).get("Inferences/Second", NAN)
+    pt, ort_ = _baseline_fps(res)
+    return {"triton_best_vs_pytorch_b1": best / pt, "triton_c1_vs_pytorch_b1": c1 / pt,
+            "triton_c1_vs_onnxruntime_b1": c1 / ort_, "triton_best_vs_onnxruntime_b1": best / ort_}
+
+
+def write_outputs(summary: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "results.md").write_text(format_markdown(summary))
+    write_comparison_csv(summary, out / "comparison.csv")
+
+
+def comparison_rows(summary: dict) -> list[dict]:
+    """One row per (frame size, system): FPS, latencies (ms) and ratios against the baselines."""
+    rows = []
+    for size, r in summary["results"].items():
+        pt, ort_ = _baseline_fps(r)
+
+        def add(system, mode, fps, p50, p99, stable=True):
+            rows.append({"frames": f"{size}x{size}", "system": system, "mode": mode, "fps": fps, "p50_ms": p50, "p99_ms": p99,
+                         "vs_pytorch_b1": fps / pt, "vs_onnxruntime_b1": fps / ort_, "stable": stable})
+
+        for key, name in (("pytorch_eager_b1", "pytorch_eager"), ("onnxruntime_b1", "onnxruntime_in_process")):
+            if key in r:
+                add(name, "batch 1, sequential", r[key]["fps"], r[key]["p50_ms"], r[key]["p99_ms"])
+        for key, name in (("triton_c1", "triton_grpc"), ("triton_best", "triton_grpc"), ("triton_shm_best", "triton_grpc_shm")):
+            p = r.get(key)
+            if p:
+                add(name, f"concurrency {p.get('Concurrency')}", p["Inferences/Second"], p.get("p50 latency", NAN) / 1000,
+                    p.get("p99 latency", NAN) / 1000, p.get("stable", True))
+    return rows
+
+
+def write_comparison_csv(summary: dict, path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for row in comparison_rows(summary):
+            # numbers to 4 significant digits; an unmeasured one (NaN) as an empty cell
+            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else ("" if isinstance(v, float) else v))
+                        for k, v in row.items()})
+    return path
+
+
+def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{fmt}}{suffix}"
+
+
+def format_markdown(summary: dict) -> str:
+    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_breakdown_lines(summary), *_composing_lines(summary)]
+    if not math.isnan(summary.get("server_peak_rss_mib", NAN) or NAN):
+        lines += ["", f"Server peak resident memory (tritonserver + Python-backend stubs, sum of VmHWM): "
+                      f"{summary['server_peak_rss_mib']:.0f} MiB"]
+    for note in summary.get("notes", []):
+        lines.append(f"\nNote: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _machine_lines(summary: dict) -> list[str]:
+    m = summary["machine"]
+    soft = ", ".join(f"{k} {m[k]}" for k in ("torch", "onnxruntime", "perf_analyzer") if k in m)
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, GPU: {m['gpu']} "
+             f"(Python {m['python']}{', ' + soft if soft else ''})"]
+    if summary.get("torch_device", "cpu") != "cpu":
+        lines.append(f"PyTorch eager on {summary['torch_device']}; ONNX Runtime in-process on CPU.")
+    return lines
+
+
+def _results_table(summary: dict) -> list[str]:
+    lines = ["| frames | PyTorch eager b1 FPS | ORT in-process b1 FPS | Triton c=1 FPS | Triton best FPS (c) | Triton best p99 ms | "
+             "Triton+shm best FPS | best/PyTorch | c1/ORT | best/ORT |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, r in summary["results"].items():
+        b, c1 = r.get("triton_best", {}), r.get("triton_c1", {})
+        rt = r.get("ratios", {})
+        unstable = "" if b.get("stable", True) else " (unstable)"
+        lines.append(
+            f"| {size}x{size} | {_f(r.get('pytorch_eager_b1', {}).get('fps'))} | {_f(r.get('onnxruntime_b1', {}).get('fps'))} | "
+            f"{_f(c1.get('Inferences/Second'))} | {_f(b.get('Inferences/Second'))} ({b.get('Concurrency')}){unstable} | "
+            f"{_f((b.get('p99 latency') or NAN) / 1000, '.0f')} | {_f(r.get('triton_shm_best', {}).get('Inferences/Second'))} | "
+            f"{_f(rt.get('triton_best_vs_pytorch_b1'), '.2f', 'x')} | {_f(rt.get('triton_c1_vs_onnxruntime_b1'), '.2f', 'x')} | "
+            f"{_f(rt.get('triton_best_vs_onnxruntime_b1'), '.2f', 'x')} |")
+    return lines
+
+
+def _breakdown_lines(summary: dict) -> list[str]:
+    lines = ["Per-step cost over the whole ensemble sweep (server statistics): compute per frame "
+             "(batch time / frames), and per request: compute + queue, average dynamic batch.", ""]
+    for size, r in summary["results"].items():
+        lines.append(f"{size}x{size}: " + ", ".join(
+            f"{k} {v['compute_ms_per_frame']:.1f} ms/frame ({v['compute_ms_per_request']:.1f} + "
+            f"{v['queue_ms_per_request']:.1f} queued per request, batch {v['avg_batch']:.1f})"
+            for k, v in r.get("step_breakdown", {}).items()))
+    return lines
+
+
+def _composing_lines(summary: dict) -> list[str]:
+    if not any(r.get("composing_best") for r in summary["results"].values()):
+        return []
+    lines = ["", "Each composing model alone (perf_analyzer; best of concurrency 1..4; c=1 throughput in brackets):", ""]
+    for size, r in summary["results"].items():
+        if r.get("composing_best"):
+            c1 = r.get("composing_c1", {})
+            lines.append(f"{size}x{size} ({r['composing_input_source']} inputs): " + ", ".join(
+                f"{k} {v['Inferences/Second']:.0f}/s [{_f(c1.get(k, {}).get('Inferences/Second'), '.0f')}/s] "
+                f"(p99 {v['p99 latency'] / 1000:.0f} ms)" for k, v in r["composing_best"].items()))
+    return lines
