@@ -116,6 +116,10 @@ class Ensemble:
     outputs: tuple[Tensor, ...]
     steps: tuple[Step, ...]
 
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.steps)
+
 
 ENSEMBLE = Ensemble(MODEL_NAME, (IMAGE, CLASS_ID), (ANOMALY_SCORE, ANOMALY_MAP),
                     (PREPROCESS, PROMPT_BANK, VISUAL_ENCODER, RECONSTRUCTOR, SEGMENTOR, POSTPROCESS))
@@ -128,6 +132,12 @@ STEPS: dict[str, Step] = {s.name: s for s in
 ENGINE_STEPS = tuple(s.name for s in STEPS.values() if s.engine)  # visual_encoder, reconstructor, segmentor
 PYTHON_STEPS = tuple(s.name for s in STEPS.values() if not s.engine)
 ALL_MODELS = (*STEPS, *(e.name for e in ENSEMBLES))  # every folder of a model repository
+
+# Files inside a model's version folder `<model>/1/`.
+ONNX_FILE = "model.onnx"  # engine steps, runtimes python-ort and onnxruntime
+PLAN_FILE = "model.plan"  # engine steps, runtime tensorrt
+TEXT_TABLE_FILE = "text_table.npy"  # prompt_bank: [classes, 2, D]
+PROMPT_TABLE_FILE = "prompt_table.npy"  # prompt_bank: [classes, N, H]
 
 # Parameters of the `promptmad` ensemble's config that clients read (values are strings; JSON where noted).
 PARAM_CLASS_NAMES = "class_names"  # JSON list, index = class_id
