@@ -1,6 +1,7 @@
-"""ONNX export of the three engines (visual encoder, reconstructor, unrolled diffusion segmentor),
-op-support checks against ONNX-TensorRT, and parity checks against PyTorch with Polygraphy's
-ONNX Runtime runner."""
+"""ONNX export of the three engine steps of the contract (visual encoder, reconstructor, unrolled
+diffusion segmentor), op-support checks against ONNX-TensorRT, and parity checks against PyTorch
+with Polygraphy's ONNX Runtime runner. Graph input/output names and their order are the contract's
+(`promptmad.contract.STEPS`)."""
 
 from __future__ import annotations
 
@@ -15,92 +16,70 @@ import numpy as np
 import torch
 from torch import nn
 
+from promptmad import contract
 from promptmad.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-STEP_INPUTS = {
-    "visual_encoder": ("frame",),
-    "reconstructor": ("feat16", "prompt_tokens", "text_embedding"),
-    "segmentor": ("feat4", "feat8", "feat16", "recon16", "text_embedding"),
-}
-STEP_OUTPUTS = {
-    "visual_encoder": ("feat4", "feat8", "feat16"),
-    "reconstructor": ("recon16",),
-    "segmentor": ("anomaly_map_model", "anomaly_score"),
+# The submodule of the trained model that each engine step runs.
+STEP_MODULES = {
+    contract.VISUAL_ENCODER.name: "encoder",
+    contract.RECONSTRUCTOR.name: "reconstructor",
+    contract.SEGMENTOR.name: "segmentor",
 }
 # Control flow would break TensorRT's static optimisation and our "unrolled" promise.
 FORBIDDEN_OPS = {"Loop", "If", "Scan"}
 
 
-class _EncoderGraph(nn.Module):
-    def __init__(self, model):
+class _StepGraph(nn.Module):
+    """One engine step as a graph of its own: the submodule, inputs in the contract's order."""
+
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.m = model.encoder
+        self.m = module
 
-    def forward(self, frame):
-        return self.m(frame)
-
-
-class _ReconstructorGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model.reconstructor
-
-    def forward(self, feat16, prompt_tokens, text_embedding):
-        return self.m(feat16, prompt_tokens, text_embedding)
+    def forward(self, *inputs):
+        return self.m(*inputs)
 
 
-class _SegmentorGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model.segmentor
-
-    def forward(self, feat4, feat8, feat16, recon16, text_embedding):
-        return self.m(feat4, feat8, feat16, recon16, text_embedding)
+def _step_module(model, step: str) -> nn.Module:
+    return getattr(model, STEP_MODULES[step])
 
 
-GRAPHS = {"visual_encoder": _EncoderGraph, "reconstructor": _ReconstructorGraph, "segmentor": _SegmentorGraph}
+def model_sizes(model) -> dict[str, int]:
+    """The contract's size symbols (S, C4, C8, C16, H, D) for one trained architecture."""
+    cfg = model.cfg
+    c4, c8, c16 = model.encoder.out_channels
+    return {"S": cfg.image_size, "C4": c4, "C8": c8, "C16": c16, "H": cfg.hidden_dim, "D": cfg.text_embed_dim}
 
 
 def step_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Per-item shapes of every tensor of the contract (batch dim excluded)."""
-    cfg = model.cfg
-    s, g = cfg.image_size, cfg.grid
-    c4, c8, c16 = model.encoder.out_channels
-    return {
-        "frame": (s, s, 3),
-        "feat4": (c4, s // 4, s // 4),
-        "feat8": (c8, s // 8, s // 8),
-        "feat16": (c16, g, g),
-        "recon16": (c16, g, g),
-        "prompt_tokens": (g * g, cfg.hidden_dim),
-        "text_embedding": (2, cfg.text_embed_dim),
-        "anomaly_map_model": (s, s),
-        "anomaly_score": (1,),
-    }
+    """Per-item shapes of every tensor of the contract (batch dim excluded) for this model."""
+    return contract.tensor_shapes(model_sizes(model))
 
 
 @torch.no_grad()
 def reference_outputs(model, frames: np.ndarray, class_ids: np.ndarray, prompt_table: np.ndarray, text_table: np.ndarray) -> dict[str, np.ndarray]:
-    """Every tensor of the contract computed by PyTorch, step by step (the parity reference)."""
-    fr = torch.from_numpy(frames)
-    f4, f8, f16 = model.encoder(fr)
-    tokens = torch.from_numpy(prompt_table[class_ids])
-    text = torch.from_numpy(text_table[class_ids])
-    recon = model.reconstructor(f16, tokens, text)
-    amap, score = model.segmentor(f4, f8, f16, recon, text)
-    t = {"frame": fr, "feat4": f4, "feat8": f8, "feat16": f16, "prompt_tokens": tokens, "text_embedding": text,
-         "recon16": recon, "anomaly_map_model": amap, "anomaly_score": score}
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    """Every tensor of the engine steps computed by PyTorch, step by step in the contract's order
+    (the parity reference). The prompt bank's outputs are rows of the per-class tables."""
+    t: dict[str, torch.Tensor] = {
+        contract.FRAME.name: torch.from_numpy(frames),
+        contract.PROMPT_TOKENS.name: torch.from_numpy(prompt_table[class_ids]),
+        contract.TEXT_EMBEDDING.name: torch.from_numpy(text_table[class_ids]),
+    }
+    for name in contract.ENGINE_STEPS:
+        step = contract.STEPS[name]
+        out = _step_module(model, name)(*(t[n] for n in step.input_names))
+        t.update(zip(step.output_names, (out,) if isinstance(out, torch.Tensor) else tuple(out)))
+    return {k: v.numpy() for k, v in t.items()}
 
 
 def export_graph(model, step: str, path: Path, example: dict[str, np.ndarray], *, opset: int = 17) -> Path:
     """Exports one step with a dynamic batch axis. The segmentor's diffusion loop has a fixed step
     count, so tracing unrolls it (checked afterwards: no Loop/If/Scan in the graph)."""
-    graph = GRAPHS[step](model).eval()
-    inputs = tuple(torch.from_numpy(example[n]) for n in STEP_INPUTS[step])
-    names_in, names_out = STEP_INPUTS[step], STEP_OUTPUTS[step]
+    graph = _StepGraph(_step_module(model, step)).eval()
+    names_in, names_out = contract.STEPS[step].input_names, contract.STEPS[step].output_names
+    inputs = tuple(torch.from_numpy(example[n]) for n in names_in)
     dynamic_axes = {n: {0: "batch"} for n in (*names_in, *names_out)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -150,8 +129,10 @@ class Tolerance:
 # fp32 ONNX Runtime vs fp32 PyTorch: differences come from kernel order only. The map tolerance is
 # absolute because the map is a probability in [0, 1].
 PARITY_TOLERANCES = {
-    "feat4": Tolerance(1e-3, 1e-3), "feat8": Tolerance(1e-3, 1e-3), "feat16": Tolerance(1e-3, 1e-3),
-    "recon16": Tolerance(2e-3, 2e-3), "anomaly_map_model": Tolerance(2e-3, 0.0), "anomaly_score": Tolerance(2e-3, 0.0),
+    **{t.name: Tolerance(1e-3, 1e-3) for t in contract.VISUAL_ENCODER.outputs},
+    contract.RECON16.name: Tolerance(2e-3, 2e-3),
+    contract.ANOMALY_MAP_MODEL.name: Tolerance(2e-3, 0.0),
+    contract.ANOMALY_SCORE.name: Tolerance(2e-3, 0.0),
 }
 
 
@@ -162,10 +143,10 @@ def check_parity(paths: dict[str, Path], reference: dict[str, np.ndarray]) -> di
 
     report: dict[str, float] = {}
     for step, path in paths.items():
-        feed = {n: reference[n] for n in STEP_INPUTS[step]}
+        feed = {n: reference[n] for n in contract.STEPS[step].input_names}
         with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
             got = runner.infer(feed)
-        for name in STEP_OUTPUTS[step]:
+        for name in contract.STEPS[step].output_names:
             ref, out = reference[name].astype(np.float32), np.asarray(got[name], dtype=np.float32)
             if ref.shape != out.shape:
                 raise ExportError(f"{step}.onnx output {name}: shape {out.shape} != PyTorch {ref.shape}")

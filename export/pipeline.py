@@ -18,16 +18,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from promptmad import __version__
+from promptmad import __version__, contract
 from promptmad.errors import ExportError
+from promptmad.export.manifest import seal_manifest
 from promptmad.export.onnx_export import (
-    GRAPHS,
-    STEP_INPUTS,
     check_ops,
     check_parity as run_parity_check,
     export_graph,
@@ -35,12 +33,10 @@ from promptmad.export.onnx_export import (
     step_tensor_shapes,
     tensorrt_op_table,
 )
+from promptmad.export.repository import RepositorySpec, write_repository
 from promptmad.training.checkpoint import load_model, probe_writable, sha256_file
 
 log = logging.getLogger(__name__)
-
-Runtime = Literal["python-ort", "onnxruntime", "tensorrt"]
-RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -51,51 +47,39 @@ class ExportResult:
     unsupported_ops: dict[str, list[str]] = field(default_factory=dict)
 
 
-def parity_frames(info, data: str | Path | None, image_size: int, n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Real frames for the parity checks: test images of the run's classes (anomalous ones first),
-    or, without a dataset, the run's own prompt images."""
+def parity_frames(info, data: str | Path, image_size: int, n: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Test frames of the run's classes from the dataset `data` (anomalous ones first, spread over
+    the classes), resized for the model; raises ExportError if it has none."""
     from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
 
+    samples = load_samples(data, split="test", classes=info.classes)
+    samples = sorted(samples, key=lambda s: (-s.label, str(s.image)))
     frames, ids = [], []
-    if data is not None:
-        samples = load_samples(data, split="test", classes=info.classes)
-        samples = sorted(samples, key=lambda s: (-s.label, str(s.image)))
-        picked: dict[str, int] = {}
-        for s in samples:  # spread over classes
-            if picked.get(s.class_name, 0) < max(1, n // max(1, len(info.classes))) and len(frames) < n:
-                frames.append(resize_rgb(read_rgb(s.image), image_size))
-                ids.append(info.classes.index(s.class_name))
-                picked[s.class_name] = picked.get(s.class_name, 0) + 1
+    picked: dict[str, int] = {}
+    for s in samples:  # spread over classes
+        if picked.get(s.class_name, 0) < max(1, n // max(1, len(info.classes))) and len(frames) < n:
+            frames.append(resize_rgb(read_rgb(s.image), image_size))
+            ids.append(info.classes.index(s.class_name))
+            picked[s.class_name] = picked.get(s.class_name, 0) + 1
     if not frames:
         raise ExportError("no frames for the parity check: pass --data DIR (a dataset with a test split of the run's classes)")
     return np.stack(frames).astype(np.uint8), np.array(ids, dtype=np.int64)
 
 
-def _prompt_images(run_dir: Path, info, image_size: int) -> list[np.ndarray] | None:
+def _prompt_images(run_dir: Path, info, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run's own prompt images, one per class (the parity frames without --data)."""
     from promptmad.training.data.datasets import read_rgb, resize_rgb
 
     paths = [run_dir / "prompt_images" / f"{c}.png" for c in info.classes]
-    if all(p.is_file() for p in paths):
-        return [resize_rgb(read_rgb(p), image_size) for p in paths]
-    return None
+    if not all(p.is_file() for p in paths):
+        raise ExportError("no frames for the parity check: pass --data DIR")
+    return np.stack([resize_rgb(read_rgb(p), image_size) for p in paths]), np.arange(len(paths))
 
 
-def export_run(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    runtime: Runtime = "python-ort",
-    max_batch: int = 8,
-    data: str | Path | None = None,
-    opset: int = 17,
-    check_parity: bool = True,
-    fp16: bool = True,
-    instance_count: int | None = None,
-    ort_threads: int = 1,
-) -> ExportResult:
-    """Exports a run to a Triton model repository at `out_dir` (replaced atomically)."""
-    if runtime not in RUNTIMES:
-        raise ExportError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+def _check_options(runtime: str, max_batch: int, opset: int) -> None:
+    """Refuses bad options before any work."""
+    if runtime not in contract.RUNTIMES:
+        raise ExportError(f"--runtime {runtime!r}: choose one of {', '.join(contract.RUNTIMES)}")
     if not 1 <= max_batch <= 256:
         raise ExportError(f"--max-batch {max_batch}: must be between 1 and 256")
     if opset < 17:
@@ -105,84 +89,106 @@ def export_run(
 
         require_tensorrt()  # fail before any work, with the place to run it
 
+
+def _export_graphs(model, staging: Path, reference: dict[str, np.ndarray], *, opset: int, runtime: str
+                   ) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """ONNX graph of every engine step and the ops ONNX-TensorRT would not support (fatal only
+    for the tensorrt runtime)."""
+    paths: dict[str, Path] = {}
+    unsupported: dict[str, list[str]] = {}
+    for step in contract.ENGINE_STEPS:
+        paths[step] = export_graph(model, step, staging / f"{step}.onnx", reference, opset=opset)
+        bad = check_ops(paths[step])
+        if bad:
+            unsupported[step] = bad
+            msg = f"{step}.onnx uses ops not on ONNX-TensorRT's list: {bad}"
+            if runtime == "tensorrt":
+                raise ExportError(msg)
+            log.warning("%s (fine for %s, a problem for --runtime tensorrt)", msg, runtime)
+    return paths, unsupported
+
+
+def _build_engines(onnx_paths: dict[str, Path], staging: Path, shapes: dict[str, tuple[int, ...]],
+                   reference: dict[str, np.ndarray], *, max_batch: int, fp16: bool) -> tuple[dict[str, Path], dict[str, str]]:
+    """TensorRT engine of every graph, each compared with ONNX Runtime; returns the plans and the
+    TensorRT/GPU description for the manifest."""
+    from promptmad.export.tensorrt import build_engine, compare_engine, tensorrt_info
+
+    cache = staging / "timing.cache"  # shared by the engines: faster rebuilds
+    plans = {}
+    for step, path in onnx_paths.items():
+        names = contract.STEPS[step].input_names
+        plans[step] = build_engine(path, staging / f"{step}.plan", input_shapes={n: shapes[n] for n in names},
+                                   max_batch=max_batch, fp16=fp16, timing_cache=cache)
+        compare_engine(plans[step], path, [{n: reference[n] for n in names}])
+    return plans, tensorrt_info()
+
+
+def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch: int,
+              parity: dict[str, float], trt_meta: dict[str, str]) -> dict:
+    """What was exported from what (manifest.json; the artifact checksums are added when sealed)."""
+    cfg = model.cfg
+    return {
+        "promptmad_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(run_dir.resolve()),
+        "checkpoint_sha256": sha256_file(run_dir / "model.safetensors"),
+        "architecture": cfg.to_dict(),
+        "classes": {name: i for i, name in enumerate(info.classes)},
+        "thresholds": info.thresholds,
+        "prompt_templates_sha256": info.prompts.get("sha256", ""),
+        "clip_model": cfg.clip_model,
+        "image_size": cfg.image_size,
+        "opset": opset,
+        "runtime": runtime,
+        "max_batch": max_batch,
+        "onnx_tensorrt_op_table": tensorrt_op_table()["source"],
+        "parity_max_abs_error": parity,
+        **trt_meta,
+    }
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    runtime: str = contract.DEFAULT_RUNTIME,
+    max_batch: int = contract.DEFAULT_MAX_BATCH,
+    data: str | Path | None = None,
+    opset: int = 17,
+    check_parity: bool = True,
+    fp16: bool = True,
+    instance_count: int | None = None,
+    ort_threads: int = 1,
+) -> ExportResult:
+    """Exports a run to a Triton model repository at `out_dir` (replaced atomically). `runtime` is
+    one of contract.RUNTIMES; the parity frames come from `data` or else the run's prompt images."""
+    _check_options(runtime, max_batch, opset)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     # the repository is staged beside --out and swapped in: its parent must be writable
     probe_writable(out_dir.resolve().parent, error=ExportError, flag="--out")
     model, info = load_model(run_dir)
     model.eval()
-    cfg = model.cfg
-    shapes = step_tensor_shapes(model)
-
+    size = model.cfg.image_size
     with torch.no_grad():
         text_table = model.text_table.numpy().astype(np.float32)
         prompt_table = model.prompt_tokens().numpy().astype(np.float32)
-
-    if data is not None:
-        frames, ids = parity_frames(info, data, cfg.image_size)
-    else:
-        imgs = _prompt_images(run_dir, info, cfg.image_size)
-        if imgs is None:
-            raise ExportError("no frames for the parity check: pass --data DIR")
-        frames, ids = np.stack(imgs), np.arange(len(imgs))
+    frames, ids = parity_frames(info, data, size) if data is not None else _prompt_images(run_dir, info, size)
     reference = reference_outputs(model, frames, ids, prompt_table, text_table)
-
+    spec = RepositorySpec(runtime=runtime, class_names=tuple(info.classes), thresholds=info.thresholds, image_size=size,
+                          tensor_shapes=step_tensor_shapes(model), max_batch=max_batch,
+                          instance_count=instance_count, ort_threads=ort_threads)
     staging = Path(tempfile.mkdtemp(prefix="promptmad-export-"))  # scratch; the repository itself is staged beside --out
     try:
-        onnx_paths: dict[str, Path] = {}
-        unsupported: dict[str, list[str]] = {}
-        for step in GRAPHS:
-            onnx_paths[step] = export_graph(model, step, staging / f"{step}.onnx", reference, opset=opset)
-            bad = check_ops(onnx_paths[step])
-            if bad:
-                unsupported[step] = bad
-                msg = f"{step}.onnx uses ops not on ONNX-TensorRT's list: {bad}"
-                if runtime == "tensorrt":
-                    raise ExportError(msg)
-                log.warning("%s (fine for %s, a problem for --runtime tensorrt)", msg, runtime)
+        onnx_paths, unsupported = _export_graphs(model, staging, reference, opset=opset, runtime=runtime)
         parity = run_parity_check(onnx_paths, reference) if check_parity else {}
-
-        artifacts: dict[str, Path] = dict(onnx_paths)
-        trt_meta: dict[str, str] = {}
+        artifacts, trt_meta = dict(onnx_paths), {}
         if runtime == "tensorrt":
-            from promptmad.export.tensorrt import build_engine, compare_engine, tensorrt_info
-
-            trt_meta = tensorrt_info()
-            cache = staging / "timing.cache"
-            for step, path in onnx_paths.items():
-                plan = build_engine(path, staging / f"{step}.plan", input_shapes={n: shapes[n] for n in STEP_INPUTS[step]},
-                                    max_batch=max_batch, fp16=fp16, timing_cache=cache)
-                compare_engine(plan, path, [{n: reference[n] for n in STEP_INPUTS[step]}])
-                artifacts[step] = plan
-
-        manifest = {
-            "promptmad_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "checkpoint": str(run_dir.resolve()),
-            "checkpoint_sha256": sha256_file(run_dir / "model.safetensors"),
-            "architecture": cfg.to_dict(),
-            "classes": {name: i for i, name in enumerate(info.classes)},
-            "thresholds": info.thresholds,
-            "prompt_templates_sha256": info.prompts.get("sha256", ""),
-            "clip_model": cfg.clip_model,
-            "image_size": cfg.image_size,
-            "opset": opset,
-            "runtime": runtime,
-            "max_batch": max_batch,
-            "onnx_tensorrt_op_table": tensorrt_op_table()["source"],
-            "parity_max_abs_error": parity,
-            **trt_meta,
-        }
-        from promptmad.export.repository import write_repository
-
-        repo = write_repository(
-            out_dir, runtime=runtime, artifacts=artifacts, text_table=text_table, prompt_table=prompt_table,
-            class_names=list(info.classes), thresholds=info.thresholds, image_size=cfg.image_size, max_batch=max_batch,
-            tensor_shapes=shapes, manifest=manifest, instance_count=instance_count, ort_threads=ort_threads,
-        )
-        from promptmad.export.manifest import seal_manifest
-
-        manifest = seal_manifest(Path(repo))
+            artifacts, trt_meta = _build_engines(onnx_paths, staging, spec.tensor_shapes, reference, max_batch=max_batch, fp16=fp16)
+        manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity, trt_meta=trt_meta)
+        repo = write_repository(out_dir, spec, artifacts=artifacts, text_table=text_table, prompt_table=prompt_table, manifest=manifest)
+        manifest = seal_manifest(repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s)", run_dir, repo, runtime)
-    return ExportResult(repository=Path(repo), manifest=manifest, parity=parity, unsupported_ops=unsupported)
+    return ExportResult(repository=repo, manifest=manifest, parity=parity, unsupported_ops=unsupported)

@@ -1,5 +1,7 @@
-"""Writes the Triton model repository: the templates of `promptmad.model_repository` completed
-through Triton's protobuf schema (`model_config_pb2.ModelConfig`), never by string templating.
+"""Writes the Triton model repository: every model's inputs, outputs, ensemble wiring and limits
+come from `promptmad.contract`; the templates of `promptmad.model_repository` add what is not
+contract (backend/platform, batching, instances, comments). Configs are built through Triton's
+protobuf schema (`model_config_pb2.ModelConfig`), never by string templating.
 
 The repository is assembled in a temporary folder beside the target and renamed into place, so an
 interrupted export never leaves a half-written repository behind (the previous one stays).
@@ -7,25 +9,47 @@ interrupted export never leaves a half-written repository behind (the previous o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from promptmad import __version__
+from promptmad import __version__, contract
+from promptmad.contract import ALL_MODELS, ENGINE_STEPS
 from promptmad.errors import ExportError, ServeError
 
 log = logging.getLogger(__name__)
 
-ENGINE_STEPS = ("visual_encoder", "reconstructor", "segmentor")
-PYTHON_STEPS = ("preprocess", "prompt_bank", "postprocess")
-ENSEMBLES = ("promptmad", "promptmad_encoded")
-ALL_MODELS = ("preprocess", "preprocess_encoded", "prompt_bank", *ENGINE_STEPS, "postprocess", *ENSEMBLES)
+# Models without a template folder of their own: they are built from another model's template.
+TEMPLATE_OF = {
+    contract.PREPROCESS_ENCODED.name: contract.PREPROCESS.name,
+    contract.ENCODED_ENSEMBLE.name: contract.ENSEMBLE.name,
+}
+# The preprocess model.py reads its input as raw pixels or as encoded bytes.
+INPUT_KIND = {contract.PREPROCESS.name: "raw", contract.PREPROCESS_ENCODED.name: "encoded"}
+# The prompt_bank step's per-class tables, <name>.npy beside its model.py (which loads them by these names).
+PROMPT_TABLES = ("text_table", "prompt_table")
+
+
+@dataclass(frozen=True)
+class RepositorySpec:
+    """What the configs are built from, besides the contract and the templates: the run's classes
+    and sizes, and the export options."""
+
+    runtime: str  # one of contract.RUNTIMES
+    class_names: tuple[str, ...]
+    thresholds: dict[str, float]
+    image_size: int
+    tensor_shapes: dict[str, tuple[int, ...]]  # contract.tensor_shapes for the run's architecture
+    max_batch: int = contract.DEFAULT_MAX_BATCH
+    instance_count: int | None = None
+    ort_threads: int = 1
 
 
 def _pb():
@@ -47,7 +71,7 @@ def templates_dir() -> Path:
 
 def _template_ignore(directory: str, names: list[str]) -> set[str]:
     """What not to copy from the templates folder (it may also be a previously exported repository)."""
-    generated = {"__pycache__", "config.pbtxt", "manifest.json", "preprocess_encoded", "promptmad_encoded"}
+    generated = {"__pycache__", "config.pbtxt", "manifest.json", *TEMPLATE_OF}
     skip = {n for n in names if n in generated or n.endswith((".onnx", ".plan", ".npy", ".tmp"))}
     if Path(directory).name == "1" and Path(directory).parent.name in ENGINE_STEPS:
         skip |= {n for n in names if n == "model.py"}  # the ONNX-Runtime runner copy, re-added for python-ort
@@ -55,11 +79,17 @@ def _template_ignore(directory: str, names: list[str]) -> set[str]:
 
 
 def load_template(model: str):
+    """The model's config.pbtxt.in (or the one it is built from), renamed to `model`. Tensors and
+    wiring belong to the contract: a template that declares them is refused."""
     from google.protobuf import text_format
 
-    path = templates_dir() / model / "config.pbtxt.in"
+    path = templates_dir() / TEMPLATE_OF.get(model, model) / "config.pbtxt.in"
     cfg = _pb().ModelConfig()
     text_format.Parse(path.read_text(), cfg)
+    if cfg.input or cfg.output or cfg.HasField("ensemble_scheduling"):
+        raise ExportError(f"{path}: declares inputs, outputs or ensemble steps; they come from promptmad.contract, "
+                          "remove them from the template")
+    cfg.name = model
     return cfg
 
 
@@ -69,174 +99,170 @@ def to_pbtxt(cfg) -> str:
     return text_format.MessageToString(cfg)
 
 
-def _set_dims(tensor, dims) -> None:
-    del tensor.dims[:]
-    tensor.dims.extend(int(d) for d in dims)
-
-
 def _set_param(cfg, key: str, value) -> None:
     cfg.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
 
 
-def _fill_shapes(cfg, shapes: dict[str, tuple[int, ...]]) -> None:
-    for t in list(cfg.input) + list(cfg.output):
-        if t.name in shapes:
-            _set_dims(t, shapes[t.name])
-
-
-def _encoded_variant(cfg, *, ensemble: bool):
-    """preprocess -> preprocess_encoded, promptmad -> promptmad_encoded: `image` UINT8 [-1,-1,3]
-    becomes `image_bytes` BYTES [1]."""
+def _add_tensors(field, tensors, shapes: dict[str, tuple[int, ...]], *, ragged: bool = False) -> None:
+    """Appends contract tensors to a config's input/output list. `ragged`: an input whose dims vary
+    per request may share one execute() call with others of another size (Python steps loop per item)."""
     pb = _pb()
-    out = pb.ModelConfig()
-    out.CopyFrom(cfg)
-    out.name = f"{cfg.name}_encoded"
-    for t in out.input:
-        if t.name == "image":
-            t.name = "image_bytes"
-            t.data_type = pb.TYPE_STRING
-            t.allow_ragged_batch = False
-            _set_dims(t, [1])
-    if ensemble:
-        step = out.ensemble_scheduling.step[0]
-        step.model_name = "preprocess_encoded"
-        del step.input_map["image"]
-        step.input_map["image_bytes"] = "image_bytes"
-    else:
-        _set_param(out, "input_kind", "encoded")
-    return out
+    for t in tensors:
+        io = field.add()
+        io.name = t.name
+        io.data_type = pb.DataType.Value(t.config_type)
+        io.dims.extend(int(d) for d in shapes[t.name])
+        if ragged and -1 in shapes[t.name]:
+            io.allow_ragged_batch = True
 
 
 def default_instances(runtime: str) -> dict[str, int]:
     """Instances per engine step when --instances is not given. On CPU (python-ort) the steps form
     a pipeline whose slowest stage is the segmentor (10 unrolled denoiser steps): two instances of
     it, one ONNX-Runtime thread per instance, measured fastest on 2 cores (benchmarks/README.md)."""
-    return {"segmentor": 2} if runtime == "python-ort" else {}
+    return {contract.SEGMENTOR.name: 2} if runtime == "python-ort" else {}
 
 
-def build_configs(
-    *,
-    runtime: str,
-    class_names: list[str],
-    thresholds: dict[str, float],
-    image_size: int,
-    max_batch: int,
-    tensor_shapes: dict[str, tuple[int, ...]],
-    manifest_sha256: str,
-    instance_count: int | None = None,
-    ort_threads: int = 1,
-) -> dict[str, object]:
-    """ModelConfig messages of every model, keyed by model name."""
+def _set_engine_runtime(cfg, spec: RepositorySpec) -> None:
+    """Platform (or Python backend running ONNX Runtime), instances and a warm-up batch of one
+    engine step for the chosen runtime."""
     pb = _pb()
-    configs = {}
-    gpu = runtime in ("tensorrt", "onnxruntime")
-    for model in ("preprocess", "prompt_bank", *ENGINE_STEPS, "postprocess", "promptmad"):
-        cfg = load_template(model)
-        cfg.max_batch_size = max_batch
-        _fill_shapes(cfg, tensor_shapes)
-        if model == "preprocess":
-            _set_param(cfg, "image_size", str(image_size))
-        if model == "prompt_bank":
-            _set_param(cfg, "class_names", class_names)
-        if model in ENGINE_STEPS:
-            cfg.ClearField("backend")
-            cfg.ClearField("platform")
-            if runtime == "tensorrt":
-                cfg.platform = "tensorrt_plan"
-                cfg.default_model_filename = "model.plan"
-            elif runtime == "onnxruntime":
-                cfg.platform = "onnxruntime_onnx"
-                cfg.default_model_filename = "model.onnx"
-            else:
-                cfg.backend = "python"
-                _set_param(cfg, "onnx_file", "model.onnx")
-                _set_param(cfg, "intra_op_threads", str(ort_threads))
-            del cfg.instance_group[:]
-            group = cfg.instance_group.add()
-            group.count = instance_count or default_instances(runtime).get(model, 1)
-            group.kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
-            # warm the engine up with one zero batch before the model reports READY
-            warm = cfg.model_warmup.add()
-            warm.name = "zeros"
-            warm.batch_size = 1
-            for t in cfg.input:
-                inp = warm.inputs[t.name]
-                inp.data_type = t.data_type
-                inp.dims.extend(t.dims)
-                inp.zero_data = True
-        if model == "promptmad":
-            _set_param(cfg, "class_names", class_names)
-            _set_param(cfg, "thresholds", thresholds)
-            _set_param(cfg, "image_size", str(image_size))
-            _set_param(cfg, "manifest_sha256", manifest_sha256)
-            _set_param(cfg, "promptmad_version", __version__)
-            _set_param(cfg, "runtime", runtime)
-        configs[model] = cfg
-    configs["preprocess_encoded"] = _encoded_variant(configs["preprocess"], ensemble=False)
-    configs["promptmad_encoded"] = _encoded_variant(configs["promptmad"], ensemble=True)
+    cfg.ClearField("backend")
+    cfg.ClearField("platform")
+    if spec.runtime == "tensorrt":
+        cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
+    elif spec.runtime == "onnxruntime":
+        cfg.platform, cfg.default_model_filename = "onnxruntime_onnx", "model.onnx"
+    else:
+        cfg.backend = "python"
+        _set_param(cfg, "onnx_file", "model.onnx")
+        _set_param(cfg, "intra_op_threads", str(spec.ort_threads))
+    del cfg.instance_group[:]
+    group = cfg.instance_group.add()
+    group.count = spec.instance_count or default_instances(spec.runtime).get(cfg.name, 1)
+    gpu = spec.runtime in ("tensorrt", "onnxruntime")
+    group.kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
+    # warm the engine up with one zero batch before the model reports READY
+    warm = cfg.model_warmup.add()
+    warm.name, warm.batch_size = "zeros", 1
+    for t in cfg.input:
+        inp = warm.inputs[t.name]
+        inp.data_type = t.data_type
+        inp.dims.extend(t.dims)
+        inp.zero_data = True
+
+
+def _step_config(step: contract.Step, spec: RepositorySpec):
+    """One composing model: template + the contract's tensors + its parameters."""
+    cfg = load_template(step.name)
+    cfg.max_batch_size = spec.max_batch
+    _add_tensors(cfg.input, step.inputs, spec.tensor_shapes, ragged=not step.engine)
+    _add_tensors(cfg.output, step.outputs, spec.tensor_shapes)
+    if step.engine:
+        _set_engine_runtime(cfg, spec)
+    if step.name in INPUT_KIND:
+        _set_param(cfg, contract.PARAM_INPUT_KIND, INPUT_KIND[step.name])
+        _set_param(cfg, contract.PARAM_IMAGE_SIZE, str(spec.image_size))
+        _set_param(cfg, contract.PARAM_MAX_PIXELS, str(contract.MAX_PIXELS_PER_FRAME))
+    if step is contract.PROMPT_BANK:
+        _set_param(cfg, contract.PARAM_CLASS_NAMES, list(spec.class_names))
+    return cfg
+
+
+def _ensemble_config(ensemble: contract.Ensemble, spec: RepositorySpec, manifest_sha256: str):
+    """A served ensemble: template + the contract's tensors and steps, each wired by tensor name,
+    + the parameters clients read."""
+    cfg = load_template(ensemble.name)
+    cfg.max_batch_size = spec.max_batch
+    _add_tensors(cfg.input, ensemble.inputs, spec.tensor_shapes)
+    _add_tensors(cfg.output, ensemble.outputs, spec.tensor_shapes)
+    for step in ensemble.steps:
+        s = cfg.ensemble_scheduling.step.add()
+        s.model_name, s.model_version = step.name, -1
+        s.input_map.update({n: n for n in step.input_names})
+        s.output_map.update({n: n for n in step.output_names})
+    params = {
+        contract.PARAM_CLASS_NAMES: list(spec.class_names), contract.PARAM_THRESHOLDS: spec.thresholds,
+        contract.PARAM_IMAGE_SIZE: str(spec.image_size), contract.PARAM_MANIFEST_SHA256: manifest_sha256,
+        contract.PARAM_VERSION: __version__, contract.PARAM_RUNTIME: spec.runtime,
+    }
+    for key, value in params.items():
+        _set_param(cfg, key, value)
+    return cfg
+
+
+def build_configs(spec: RepositorySpec, manifest_sha256: str) -> dict[str, object]:
+    """ModelConfig messages of every model of contract.ALL_MODELS, keyed by model name."""
+    configs = {name: _step_config(step, spec) for name, step in contract.STEPS.items()}
+    configs.update({e.name: _ensemble_config(e, spec, manifest_sha256) for e in contract.ENSEMBLES})
     return configs
 
 
-def write_repository(
-    out_dir: str | Path,
-    *,
-    runtime: Literal["python-ort", "onnxruntime", "tensorrt"],
-    artifacts: dict[str, Path],
-    text_table: np.ndarray,
-    prompt_table: np.ndarray,
-    class_names: list[str],
-    thresholds: dict[str, float],
-    image_size: int,
-    max_batch: int,
-    tensor_shapes: dict[str, tuple[int, ...]],
-    manifest: dict,
-    instance_count: int | None = None,
-    ort_threads: int = 1,
-) -> Path:
-    """Writes a complete repository at `out_dir` (atomically replacing an existing one) and
-    returns its path. `out_dir` may be the source `model_repository/` folder itself."""
-    out_dir = Path(out_dir).resolve()
+def _check_inputs(spec: RepositorySpec, artifacts: dict[str, Path], text_table: np.ndarray, prompt_table: np.ndarray) -> None:
+    if spec.runtime not in contract.RUNTIMES:
+        raise ExportError(f"runtime {spec.runtime!r}: choose one of {', '.join(contract.RUNTIMES)}")
     missing = [s for s in ENGINE_STEPS if s not in artifacts]
     if missing:
         raise ExportError(f"no exported graph for {missing}")
-    if text_table.shape[0] != len(class_names) or prompt_table.shape[0] != len(class_names):
+    if text_table.shape[0] != len(spec.class_names) or prompt_table.shape[0] != len(spec.class_names):
         raise ExportError("text/prompt tables and class_names disagree on the number of classes")
-    manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
-    import hashlib
 
-    configs = build_configs(
-        runtime=runtime, class_names=class_names, thresholds=thresholds, image_size=image_size, max_batch=max_batch,
-        tensor_shapes=tensor_shapes, manifest_sha256=hashlib.sha256(manifest_text.encode()).hexdigest(),
-        instance_count=instance_count, ort_threads=ort_threads,
-    )
+
+def _copy_engine(stage: Path, step: str, artifact: Path, runtime: str) -> None:
+    """The step's graph (and, for python-ort, the ONNX Runtime runner as its model.py)."""
+    version = stage / step / "1"
+    if runtime == "tensorrt":
+        if artifact.suffix != ".plan":
+            raise ExportError(f"runtime tensorrt needs a .plan for {step}, got {artifact.name}")
+        shutil.copy2(artifact, version / "model.plan")
+        return
+    shutil.copy2(artifact, version / "model.onnx")
+    if runtime == "python-ort":
+        shutil.copy2(templates_dir() / "onnx_runner.py", version / "model.py")
+
+
+def _fill_stage(stage: Path, configs: dict, spec: RepositorySpec, artifacts: dict[str, Path],
+                tables: dict[str, np.ndarray], manifest_text: str) -> None:
+    """Everything of the repository into `stage`: the template tree, the configs, the model.py of
+    the models built from another template, the engines, the prompt tables and the manifest."""
+    src = templates_dir()
+    # the whole template tree (hand-readable config.pbtxt.in, model.py files, README): exporting
+    # into the source folder itself must leave its tracked files in place
+    shutil.copytree(src, stage, ignore=_template_ignore, dirs_exist_ok=True)
+    for model, cfg in configs.items():
+        (stage / model / "1").mkdir(parents=True, exist_ok=True)
+        (stage / model / "config.pbtxt").write_text(to_pbtxt(cfg))
+    for model, template in TEMPLATE_OF.items():
+        if (src / template / "1" / "model.py").is_file():
+            shutil.copy2(src / template / "1" / "model.py", stage / model / "1" / "model.py")
+    for step in ENGINE_STEPS:
+        _copy_engine(stage, step, Path(artifacts[step]), spec.runtime)
+    for name, table in tables.items():
+        np.save(stage / contract.PROMPT_BANK.name / "1" / f"{name}.npy", np.ascontiguousarray(table, dtype=np.float32))
+    (stage / "manifest.json").write_text(manifest_text)
+
+
+def _make_stage(out_dir: Path) -> Path:
+    """A fresh folder beside `out_dir` (same file system, so the final rename is atomic)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     except OSError as exc:
         raise ExportError(f"{out_dir.parent}: cannot create the repository there ({exc.strerror or exc}); choose another --out") from exc
+
+
+def write_repository(out_dir: str | Path, spec: RepositorySpec, *, artifacts: dict[str, Path],
+                     text_table: np.ndarray, prompt_table: np.ndarray, manifest: dict) -> Path:
+    """Writes a complete repository at `out_dir` (atomically replacing an existing one) and
+    returns its path. `out_dir` may be the source `model_repository/` folder itself."""
+    out_dir = Path(out_dir).resolve()
+    _check_inputs(spec, artifacts, text_table, prompt_table)
+    manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+    configs = build_configs(spec, hashlib.sha256(manifest_text.encode()).hexdigest())
+    tables = dict(zip(PROMPT_TABLES, (text_table, prompt_table)))
+    stage = _make_stage(out_dir)
     try:
-        src = templates_dir()
-        # the whole template tree (hand-readable config.pbtxt.in, model.py files, README): exporting
-        # into the source folder itself must leave its tracked files in place
-        shutil.copytree(src, stage, ignore=_template_ignore, dirs_exist_ok=True)
-        for model, cfg in configs.items():
-            d = stage / model
-            (d / "1").mkdir(parents=True, exist_ok=True)
-            (d / "config.pbtxt").write_text(to_pbtxt(cfg))
-        shutil.copy2(src / "preprocess" / "1" / "model.py", stage / "preprocess_encoded" / "1" / "model.py")
-        for step in ENGINE_STEPS:
-            art = Path(artifacts[step])
-            if runtime == "tensorrt":
-                if art.suffix != ".plan":
-                    raise ExportError(f"runtime tensorrt needs a .plan for {step}, got {art.name}")
-                shutil.copy2(art, stage / step / "1" / "model.plan")
-            else:
-                shutil.copy2(art, stage / step / "1" / "model.onnx")
-                if runtime == "python-ort":
-                    shutil.copy2(src / "onnx_runner.py", stage / step / "1" / "model.py")
-        np.save(stage / "prompt_bank" / "1" / "text_table.npy", np.ascontiguousarray(text_table, dtype=np.float32))
-        np.save(stage / "prompt_bank" / "1" / "prompt_table.npy", np.ascontiguousarray(prompt_table, dtype=np.float32))
-        (stage / "manifest.json").write_text(manifest_text)
+        _fill_stage(stage, configs, spec, artifacts, tables, manifest_text)
         _swap_into_place(stage, out_dir)
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
@@ -245,7 +271,7 @@ def write_repository(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    log.info("wrote Triton repository %s (%s, max_batch %d)", out_dir, runtime, max_batch)
+    log.info("wrote Triton repository %s (%s, max_batch %d)", out_dir, spec.runtime, spec.max_batch)
     return out_dir
 
 
@@ -282,6 +308,7 @@ def validate_repository(path: str | Path) -> None:
         version = path / step / "1"
         if not any((version / f).is_file() for f in ("model.onnx", "model.plan")):
             raise ServeError(f"{version}: no model.onnx or model.plan; re-run `promptmad export`")
-    for f in ("text_table.npy", "prompt_table.npy"):
-        if not (path / "prompt_bank" / "1" / f).is_file():
-            raise ServeError(f"{path / 'prompt_bank' / '1' / f}: missing; re-run `promptmad export`")
+    for f in PROMPT_TABLES:
+        table = path / contract.PROMPT_BANK.name / "1" / f"{f}.npy"
+        if not table.is_file():
+            raise ServeError(f"{table}: missing; re-run `promptmad export`")

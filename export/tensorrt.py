@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from promptmad import contract
 from promptmad.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ FP32_OPS = [
 ]
 
 # TensorRT FP16 vs ONNX Runtime FP32: half precision on features; map/score as probabilities.
-TRT_TOLERANCES = {"default": (5e-2, 5e-2), "anomaly_map_model": (2e-2, 0.0), "anomaly_score": (2e-2, 0.0)}
+TRT_TOLERANCES = {"default": (5e-2, 5e-2), contract.ANOMALY_MAP_MODEL.name: (2e-2, 0.0), contract.ANOMALY_SCORE.name: (2e-2, 0.0)}
 
 
 def require_tensorrt():

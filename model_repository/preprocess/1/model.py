@@ -5,6 +5,8 @@ input_kind "encoded": `image_bytes` BYTES [B, 1] (PNG/JPEG/...)
 outputs: `frame` UINT8 [B, S, S, 3] (PIL bilinear resize, exactly as in training) and
 `original_size` INT32 [B, 2] (H, W) for the postprocess step.
 Each bad request gets its own error response; the others in the batch are served.
+The limits (image_size, max_pixels, input_kind) are config parameters written by `promptmad export`
+from promptmad.contract; this file stays self-contained (it also runs where promptmad is not installed).
 """
 
 import io
@@ -19,13 +21,21 @@ class RequestError(Exception):
     pass
 
 
+def _required(config, key):
+    """A parameter export writes; a config without it was not written by `promptmad export`."""
+    try:
+        return config["parameters"][key]["string_value"]
+    except KeyError:
+        raise ValueError(f"{config.get('name', 'preprocess')}: config.pbtxt has no {key!r} parameter; "
+                         "re-export the repository with `promptmad export`") from None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.kind = params.get("input_kind", "raw")
-        self.size = int(params["image_size"])
-        self.max_pixels = int(params.get("max_pixels", "40000000"))
+        self.kind = _required(config, "input_kind")
+        self.size = int(_required(config, "image_size"))
+        self.max_pixels = int(_required(config, "max_pixels"))
         self.input_name = config["input"][0]["name"]
         out = pb_utils.get_output_config_by_name(config, "frame")
         self.frame_dtype = pb_utils.triton_string_to_numpy(out["data_type"])
