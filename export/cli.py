@@ -4,32 +4,49 @@ from __future__ import annotations
 
 import argparse
 
+from promptmad import contract
+
 NGC_COMMAND = (
     "docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models "
     "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models"
 )
 
 
+EXPORT_DESCRIPTION = (
+    "Export a run: precompute the per-class prompt tables, export the visual encoder, the "
+    "reconstructor and the segmentor (10 diffusion steps unrolled) to ONNX, check every op "
+    "against ONNX-TensorRT's list and every graph against PyTorch on real frames, build "
+    "TensorRT engines (--runtime tensorrt, GPU + TensorRT only), and write the Triton ensemble "
+    f"'{contract.MODEL_NAME}' (raw frames) and '{contract.ENCODED_MODEL_NAME}' (PNG/JPEG bytes) into --out. "
+    "The repository is replaced atomically."
+)
+SERVE_DESCRIPTION = (
+    "Start the tritonserver 2.51 that ships in the nvidia-pytriton wheel (Python backend, "
+    "ensembles) on REPO. Listens on 127.0.0.1 only unless --host is given; models cannot be "
+    "loaded or unloaded remotely (model control mode none). The repository's manifest "
+    "checksums are verified first. Ctrl-C stops the server."
+)
+
+
 def register(subparsers) -> None:
-    e = subparsers.add_parser(
-        "export",
-        help="turn a training run into a Triton model repository (ONNX / TensorRT + ensemble)",
-        description=(
-            "Export a run: precompute the per-class prompt tables, export the visual encoder, the "
-            "reconstructor and the segmentor (10 diffusion steps unrolled) to ONNX, check every op "
-            "against ONNX-TensorRT's list and every graph against PyTorch on real frames, build "
-            "TensorRT engines (--runtime tensorrt, GPU + TensorRT only), and write the Triton "
-            "ensemble 'promptmad' (raw frames) and 'promptmad_encoded' (PNG/JPEG bytes) into --out. "
-            "The repository is replaced atomically."
-        ),
-        epilog=f"Serve a tensorrt/onnxruntime repository in the NGC container:\n  {NGC_COMMAND}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    _register_export(subparsers)
+    _register_serve(subparsers)
+
+
+def _add_parser(subparsers, name: str, help: str, description: str, epilog: str):
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _register_export(subparsers) -> None:
+    e = _add_parser(subparsers, "export", "turn a training run into a Triton model repository (ONNX / TensorRT + ensemble)",
+                    EXPORT_DESCRIPTION, f"Serve a tensorrt/onnxruntime repository in the NGC container:\n  {NGC_COMMAND}")
     e.add_argument("--ckpt", required=True, help="run directory written by `promptmad train`")
     e.add_argument("--out", default="model_repository", help="repository folder to write (default: model_repository)")
-    e.add_argument("--runtime", default="python-ort", choices=["python-ort", "onnxruntime", "tensorrt"],
-                   help="python-ort: embedded server (CPU); onnxruntime / tensorrt: NGC Triton container (default: python-ort)")
-    e.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model = TensorRT profile max (default: 8)")
+    e.add_argument("--runtime", default=contract.DEFAULT_RUNTIME, choices=contract.RUNTIMES,
+                   help="python-ort: embedded server (CPU); onnxruntime / tensorrt: NGC Triton container (default: %(default)s)")
+    e.add_argument("--max-batch", type=int, default=contract.DEFAULT_MAX_BATCH,
+                   help="max_batch_size of every model = TensorRT profile max (default: %(default)s)")
     e.add_argument("--data", help="dataset whose test frames are used for the parity checks (default: the run's prompt images)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     e.add_argument("--instances", type=int, help="instances of each engine model (default: 2 for the segmentor with python-ort, else 1)")
@@ -40,18 +57,10 @@ def register(subparsers) -> None:
     e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
     e.set_defaults(func=_export)
 
-    s = subparsers.add_parser(
-        "serve",
-        help="start a real Triton server on an exported repository",
-        description=(
-            "Start the tritonserver 2.51 that ships in the nvidia-pytriton wheel (Python backend, "
-            "ensembles) on REPO. Listens on 127.0.0.1 only unless --host is given; models cannot be "
-            "loaded or unloaded remotely (model control mode none). The repository's manifest "
-            "checksums are verified first. Ctrl-C stops the server."
-        ),
-        epilog=f"tensorrt / onnxruntime repositories run in the NGC container instead:\n  {NGC_COMMAND}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def _register_serve(subparsers) -> None:
+    s = _add_parser(subparsers, "serve", "start a real Triton server on an exported repository",
+                    SERVE_DESCRIPTION, f"tensorrt / onnxruntime repositories run in the NGC container instead:\n  {NGC_COMMAND}")
     s.add_argument("--repo", default="model_repository", help="model repository (default: model_repository)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes it to the network)")
     s.add_argument("--http-port", type=int, default=8000)
@@ -81,10 +90,6 @@ def _export(args) -> int:
 
 
 def _serve(args) -> int:
-    import json
-    import signal
-    import urllib.request
-
     from promptmad.export.repository import validate_repository
     from promptmad.export.server import TritonServer
 
@@ -94,15 +99,23 @@ def _serve(args) -> int:
                           log_verbose=args.log_verbose, verify_manifest=not args.no_verify, startup_timeout=300)
     print(f"starting tritonserver on {args.repo} (log: {server.log_path}) ...", flush=True)
     server.start()
+    # before "ready." is printed: a Ctrl-C right after it must still stop the server cleanly
+    stop = _stop_on_signals()
     try:
-        req = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=5) as r:
-            for m in json.loads(r.read()):
-                print(f"  {m['name']:<20} {m.get('state', '?')}")
-    except OSError:
-        pass
-    print(f"ready.  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}\n"
-          "Ctrl-C to stop.", flush=True)
+        _print_models(server)
+        print(f"ready.  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}\n"
+              "Ctrl-C to stop.", flush=True)
+        return _wait(server, stop)
+    finally:
+        print("stopping tritonserver ...", flush=True)
+        server.stop()
+        print("stopped.")
+
+
+def _stop_on_signals() -> dict[str, bool]:
+    """SIGINT/SIGTERM set the returned flag instead of raising inside the wait loop."""
+    import signal
+
     stop = {"now": False}
 
     def _handler(signum, frame):
@@ -110,16 +123,30 @@ def _serve(args) -> int:
 
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
-    import time
+    return stop
+
+
+def _print_models(server) -> None:
+    """Each model's state from the repository index (best effort: the server is already ready)."""
+    import json
+    import urllib.request
 
     try:
-        while not stop["now"]:
-            if server._proc is None or server._proc.poll() is not None:
-                print("tritonserver exited unexpectedly; last log lines:\n" + "\n".join(server.log_text().splitlines()[-20:]))
-                return 1
-            time.sleep(0.5)
-    finally:
-        print("stopping tritonserver ...", flush=True)
-        server.stop()
-    print("stopped.")
+        req = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            for m in json.loads(r.read()):
+                print(f"  {m['name']:<20} {m.get('state', '?')}")
+    except OSError:
+        pass
+
+
+def _wait(server, stop: dict[str, bool]) -> int:
+    """Until a signal (0) or the server process dies on its own (1, with its last log lines)."""
+    import time
+
+    while not stop["now"]:
+        if server._proc is None or server._proc.poll() is not None:
+            print("tritonserver exited unexpectedly; last log lines:\n" + "\n".join(server.log_text().splitlines()[-20:]))
+            return 1
+        time.sleep(0.5)
     return 0
