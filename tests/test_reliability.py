@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
+import math
 import re
 import shutil
 import time
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from promptmad import contract
 from promptmad.client import AnomalyClient, ModelNotReady
 from promptmad.errors import CheckpointError, ExportError, ServeError
 from promptmad.export.server import TritonServer
@@ -24,6 +25,7 @@ from tests.helpers import frame, png_bytes
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
+RAW, ENCODED = contract.MODEL_NAME, contract.ENCODED_MODEL_NAME
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +45,20 @@ def _send(http, model, tensors):
 
 
 def _good(http):
-    res = _send(http, "promptmad", [("image", frame(1)[None], "UINT8"), ("class_id", np.array([[0]], np.int32), "INT32")])
-    assert np.isfinite(res.as_numpy("anomaly_score")).all()
+    res = _send(http, RAW, [_img(frame(1)[None]), _cid(0)])
+    assert np.isfinite(res.as_numpy(contract.ANOMALY_SCORE.name)).all()
 
 
 def _img(arr, dtype="UINT8"):
-    return ("image", arr, dtype)
+    return (contract.IMAGE.name, arr, dtype)
 
 
 def _cid(v, dtype="INT32", np_dtype=np.int32, shape=(1, 1)):
-    return ("class_id", np.full(shape, v, np_dtype), dtype)
+    return (contract.CLASS_ID.name, np.full(shape, v, np_dtype), dtype)
 
 
 def _bytes(payload):
-    return ("image_bytes", np.array([[payload]], dtype=object), "BYTES")
+    return (contract.IMAGE_BYTES.name, np.array([[payload]], dtype=object), contract.IMAGE_BYTES.dtype)
 
 
 def _jpeg(img, truncate=None):
@@ -72,52 +74,60 @@ def _big_png(w, h):
     return buf.getvalue()
 
 
+def _nan_inputs(step):
+    """Placeholders for a composing model's inputs, filled at test time by _fill_composing."""
+    return [(t.name, None, t.dtype) for t in step.inputs]
+
+
 F = frame(3, 32, 40)
+LIMIT = contract.MAX_PIXELS_PER_FRAME
+BOMB_SIDE = math.isqrt(2 * LIMIT) + 1  # Pillow refuses more than twice its MAX_IMAGE_PIXELS outright
 # (case id, model, tensors, words the error must contain)
 CASES = [
-    ("image float32", "promptmad", [_img(F[None].astype(np.float32), "FP32"), _cid(0)], "data-type"),
-    ("image float16", "promptmad", [_img(F[None].astype(np.float16), "FP16"), _cid(0)], "data-type"),
-    ("image int32", "promptmad", [_img(F[None].astype(np.int32), "INT32"), _cid(0)], "data-type"),
-    ("image uint16", "promptmad", [_img(F[None].astype(np.uint16), "UINT16"), _cid(0)], "data-type"),
-    ("image bool", "promptmad", [_img(F[None] > 0, "BOOL"), _cid(0)], "data-type"),
-    ("rank 3 (no batch dim)", "promptmad", [_img(F), _cid(0)], "input 'image'"),
-    ("rank 2", "promptmad", [_img(F[..., 0]), _cid(0)], "input 'image'"),
-    ("rank 5", "promptmad", [_img(F[None, None]), _cid(0)], "shape"),
-    ("1 channel", "promptmad", [_img(F[None, ..., :1]), _cid(0)], "shape"),
-    ("4 channels", "promptmad", [_img(np.concatenate([F, F[..., :1]], -1)[None]), _cid(0)], "shape"),
-    ("zero height", "promptmad", [_img(np.zeros((1, 0, 8, 3), np.uint8)), _cid(0)], "empty image"),
-    ("zero width", "promptmad", [_img(np.zeros((1, 8, 0, 3), np.uint8)), _cid(0)], "empty image"),
-    ("class id too large", "promptmad", [_img(F[None]), _cid(3)], "unknown class id 3"),
-    ("class id negative", "promptmad", [_img(F[None]), _cid(-5)], "unknown class id -5"),
-    ("class id int max", "promptmad", [_img(F[None]), _cid(2**31 - 1)], "unknown class id"),
-    ("class id float", "promptmad", [_img(F[None]), _cid(0, "FP32", np.float32)], "data-type"),
-    ("class id int64", "promptmad", [_img(F[None]), _cid(0, "INT64", np.int64)], "data-type"),
-    ("class id two values", "promptmad", [_img(F[None]), _cid(0, shape=(1, 2))], "shape"),
-    ("batch mismatch", "promptmad", [_img(np.stack([F, F])), _cid(0)], "batch"),
-    ("oversize batch", "promptmad", [_img(np.repeat(F[None], 9, 0)), _cid(0, shape=(9, 1))], "batch"),
-    ("missing class id", "promptmad", [_img(F[None])], "class_id"),
-    ("empty bytes", "promptmad_encoded", [_bytes(b""), _cid(0)], "empty payload"),
-    ("random bytes", "promptmad_encoded", [_bytes(np.random.default_rng(0).bytes(500)), _cid(0)], "not a decodable image"),
-    ("text bytes", "promptmad_encoded", [_bytes(b"hello, camera"), _cid(0)], "not a decodable image"),
-    ("truncated png", "promptmad_encoded", [_bytes(png_bytes(F)[:60]), _cid(0)], "image_bytes[0]"),
-    ("truncated jpeg", "promptmad_encoded", [_bytes(_jpeg(frame(4, 64, 64), truncate=300)), _cid(0)], "image_bytes[0]"),
-    ("png header only", "promptmad_encoded", [_bytes(b"\x89PNG\r\n\x1a\n"), _cid(0)], "not a decodable image"),
-    ("decompression bomb", "promptmad_encoded", [_bytes(_big_png(9000, 9000)), _cid(0)], "decompression bomb refused"),
-    ("huge frame", "promptmad_encoded", [_bytes(_big_png(7000, 6000)), _cid(0)], "max_pixels=40000000"),
-    ("bytes to raw ensemble", "promptmad", [_bytes(png_bytes(F)), _cid(0)], "image"),
-    ("encoded with unknown class", "promptmad_encoded", [_bytes(png_bytes(F)), _cid(7)], "unknown class id 7"),
-    ("NaN into segmentor", "reconstructor", [("feat16", None, "FP32"), ("prompt_tokens", None, "FP32"), ("text_embedding", None, "FP32")], "nan or inf"),
+    ("image float32", RAW, [_img(F[None].astype(np.float32), "FP32"), _cid(0)], "data-type"),
+    ("image float16", RAW, [_img(F[None].astype(np.float16), "FP16"), _cid(0)], "data-type"),
+    ("image int32", RAW, [_img(F[None].astype(np.int32), "INT32"), _cid(0)], "data-type"),
+    ("image uint16", RAW, [_img(F[None].astype(np.uint16), "UINT16"), _cid(0)], "data-type"),
+    ("image bool", RAW, [_img(F[None] > 0, "BOOL"), _cid(0)], "data-type"),
+    ("rank 3 (no batch dim)", RAW, [_img(F), _cid(0)], "input 'image'"),
+    ("rank 2", RAW, [_img(F[..., 0]), _cid(0)], "input 'image'"),
+    ("rank 5", RAW, [_img(F[None, None]), _cid(0)], "shape"),
+    ("1 channel", RAW, [_img(F[None, ..., :1]), _cid(0)], "shape"),
+    ("4 channels", RAW, [_img(np.concatenate([F, F[..., :1]], -1)[None]), _cid(0)], "shape"),
+    ("zero height", RAW, [_img(np.zeros((1, 0, 8, 3), np.uint8)), _cid(0)], "empty image"),
+    ("zero width", RAW, [_img(np.zeros((1, 8, 0, 3), np.uint8)), _cid(0)], "empty image"),
+    ("class id too large", RAW, [_img(F[None]), _cid(3)], "unknown class id 3"),
+    ("class id negative", RAW, [_img(F[None]), _cid(-5)], "unknown class id -5"),
+    ("class id int max", RAW, [_img(F[None]), _cid(2**31 - 1)], "unknown class id"),
+    ("class id float", RAW, [_img(F[None]), _cid(0, "FP32", np.float32)], "data-type"),
+    ("class id int64", RAW, [_img(F[None]), _cid(0, "INT64", np.int64)], "data-type"),
+    ("class id two values", RAW, [_img(F[None]), _cid(0, shape=(1, 2))], "shape"),
+    ("batch mismatch", RAW, [_img(np.stack([F, F])), _cid(0)], "batch"),
+    ("oversize batch", RAW, [_img(np.repeat(F[None], 9, 0)), _cid(0, shape=(9, 1))], "batch"),
+    ("missing class id", RAW, [_img(F[None])], "class_id"),
+    ("empty bytes", ENCODED, [_bytes(b""), _cid(0)], "empty payload"),
+    ("random bytes", ENCODED, [_bytes(np.random.default_rng(0).bytes(500)), _cid(0)], "not a decodable image"),
+    ("text bytes", ENCODED, [_bytes(b"hello, camera"), _cid(0)], "not a decodable image"),
+    ("truncated png", ENCODED, [_bytes(png_bytes(F)[:60]), _cid(0)], "image_bytes[0]"),
+    ("truncated jpeg", ENCODED, [_bytes(_jpeg(frame(4, 64, 64), truncate=300)), _cid(0)], "image_bytes[0]"),
+    ("png header only", ENCODED, [_bytes(b"\x89PNG\r\n\x1a\n"), _cid(0)], "not a decodable image"),
+    ("decompression bomb", ENCODED, [_bytes(_big_png(BOMB_SIDE, BOMB_SIDE)), _cid(0)], "decompression bomb refused"),
+    ("huge frame", ENCODED, [_bytes(_big_png(7000, LIMIT // 7000 + 1)), _cid(0)], f"max_pixels={LIMIT}"),
+    ("bytes to raw ensemble", RAW, [_bytes(png_bytes(F)), _cid(0)], "image"),
+    ("encoded with unknown class", ENCODED, [_bytes(png_bytes(F)), _cid(7)], "unknown class id 7"),
+    ("NaN into reconstructor", contract.RECONSTRUCTOR.name, _nan_inputs(contract.RECONSTRUCTOR), "nan or inf"),
+    ("NaN into segmentor", contract.SEGMENTOR.name, _nan_inputs(contract.SEGMENTOR), "nan or inf"),
 ]
 
 
-def _fill_composing(http, tensors):
-    """Real shapes of a composing model's inputs, NaN in the first one."""
-    cfg = http.get_model_config("reconstructor")
+def _fill_composing(http, model, tensors):
+    """Zeros of the served shapes for a composing model's inputs, one NaN in the first one."""
+    dims = {spec["name"]: spec["dims"] for spec in http.get_model_config(model)["input"]}
     out = []
-    for (name, arr, dtype), spec in zip(tensors, cfg["input"]):
-        a = np.zeros([1, *spec["dims"]], np.float32)
+    for name, _, dtype in tensors:
+        a = np.zeros([1, *dims[name]], np.float32)
         if not out:
-            a[0, 0, 0, 0] = np.nan
+            a.flat[0] = np.nan
         out.append((name, a, dtype))
     return out
 
@@ -125,7 +135,7 @@ def _fill_composing(http, tensors):
 @pytest.mark.parametrize("case,model,tensors,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_table(http, case, model, tensors, expected):
     if tensors[0][1] is None:
-        tensors = _fill_composing(http, tensors)
+        tensors = _fill_composing(http, model, tensors)
     with pytest.raises(InferenceServerException) as err:
         _send(http, model, tensors)
     assert expected.lower() in str(err.value).lower(), f"{case}: {err.value}"
@@ -139,9 +149,9 @@ def test_fuzz_frames_never_break_the_server(http, h, w, c, batch, cid):
     img = np.random.default_rng(h * 1000 + w).integers(0, 255, (batch, h, w, c), dtype=np.uint8)
     valid = h > 0 and w > 0 and c == 3 and 0 <= cid < 3
     try:
-        res = _send(http, "promptmad", [_img(img), _cid(cid, shape=(batch, 1))])
+        res = _send(http, RAW, [_img(img), _cid(cid, shape=(batch, 1))])
         assert valid, "an invalid request was accepted"
-        assert res.as_numpy("anomaly_map").shape == (batch, h, w)
+        assert res.as_numpy(contract.ANOMALY_MAP.name).shape == (batch, h, w)
     except InferenceServerException as exc:
         assert not valid, f"valid request refused: {exc}"
         assert str(exc).strip()
@@ -197,8 +207,8 @@ def test_security_defaults(triton_server, http):
     for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", "--model-control-mode=none"):
         assert flag in cmd
     with pytest.raises(InferenceServerException):
-        http.unload_model("promptmad")  # no remote unload/load in model control mode NONE
-    assert http.is_model_ready("promptmad")
+        http.unload_model(RAW)  # no remote unload/load in model control mode NONE
+    assert http.is_model_ready(RAW)
 
 
 def test_no_unsafe_deserialisation_in_the_code():

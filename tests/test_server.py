@@ -14,8 +14,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from promptmad import contract
 from promptmad.errors import ServeError
-from promptmad.export.repository import ALL_MODELS, validate_repository
+from promptmad.export.repository import validate_repository
 from promptmad.export.server import TritonServer
 from tests.conftest import TINY_CLASSES
 from tests.helpers import frame, png_bytes, pytorch_reference
@@ -23,16 +24,16 @@ from tests.helpers import frame, png_bytes, pytorch_reference
 pytestmark = pytest.mark.server
 
 
-def _infer(client, mod, img, cid, model="promptmad"):
+def _infer(client, mod, img, cid, model=contract.MODEL_NAME):
     if img.dtype == object:
-        i1 = mod.InferInput("image_bytes", list(img.shape), "BYTES")
+        i1 = mod.InferInput(contract.IMAGE_BYTES.name, list(img.shape), contract.IMAGE_BYTES.dtype)
     else:
-        i1 = mod.InferInput("image", list(img.shape), {np.uint8: "UINT8", np.float32: "FP32"}[img.dtype.type])
+        i1 = mod.InferInput(contract.IMAGE.name, list(img.shape), {np.uint8: "UINT8", np.float32: "FP32"}[img.dtype.type])
     i1.set_data_from_numpy(img)
-    i2 = mod.InferInput("class_id", [img.shape[0], 1], "INT32")
-    i2.set_data_from_numpy(np.full((img.shape[0], 1), cid, dtype=np.int32))
+    i2 = mod.InferInput(contract.CLASS_ID.name, [img.shape[0], 1], contract.CLASS_ID.dtype)
+    i2.set_data_from_numpy(np.full((img.shape[0], 1), cid, dtype=contract.CLASS_ID.numpy_dtype))
     res = client.infer(model, [i1, i2])
-    return res.as_numpy("anomaly_score"), res.as_numpy("anomaly_map")
+    return res.as_numpy(contract.ANOMALY_SCORE.name), res.as_numpy(contract.ANOMALY_MAP.name)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def grpc(triton_server):
 
 def test_every_model_ready(http, tiny_repository):
     index = {m["name"]: m.get("state") for m in http.get_model_repository_index()}
-    for name in ALL_MODELS:
+    for name in contract.ALL_MODELS:
         assert index.get(name) == "READY", (name, index)
     assert http.is_server_ready()
     validate_repository(tiny_repository)
@@ -89,7 +90,7 @@ def test_frames_of_different_sizes_and_batches(grpc, tiny_run):
 def test_encoded_bytes_match_raw_frames(grpc):
     img = frame(5, 70, 90)
     raw = _infer(grpc, grpcclient, img[None], 0)
-    enc = _infer(grpc, grpcclient, np.array([[png_bytes(img)]], dtype=object), 0, model="promptmad_encoded")
+    enc = _infer(grpc, grpcclient, np.array([[png_bytes(img)]], dtype=object), 0, model=contract.ENCODED_MODEL_NAME)
     assert abs(float(raw[0][0, 0]) - float(enc[0][0, 0])) < 1e-6
     assert np.allclose(raw[1], enc[1], atol=1e-6)
 
@@ -103,7 +104,7 @@ def test_dynamic_batching_batches_under_concurrent_load(triton_server, grpc):
         i1.set_data_from_numpy(img[None])
         i2 = grpcclient.InferInput("class_id", [1, 1], "INT32")
         i2.set_data_from_numpy(np.array([[0]], dtype=np.int32))
-        grpc.async_infer("promptmad", [i1, i2], callback=lambda result, error: done.append(error))
+        grpc.async_infer(contract.MODEL_NAME, [i1, i2], callback=lambda result, error: done.append(error))
     import time
 
     deadline = time.time() + 60
@@ -117,24 +118,25 @@ def test_dynamic_batching_batches_under_concurrent_load(triton_server, grpc):
     assert executions < inferences, f"no batching: {executions} executions for {inferences} frames"
 
 
-def _bomb_png(w=8000, h=6000) -> bytes:
+def _bomb_png(w=8000) -> bytes:
+    """A tiny PNG just over the frame limit once decoded (and under Pillow's own 2x bomb limit)."""
     from PIL import Image
     import io
 
     buf = io.BytesIO()
-    Image.new("L", (w, h)).save(buf, format="PNG")  # tiny file, 48 MP once decoded
+    Image.new("L", (w, contract.MAX_PIXELS_PER_FRAME // w + 1)).save(buf, format="PNG")
     return buf.getvalue()
 
 
 BAD_REQUESTS = [
-    ("unknown class id", lambda: (frame(1)[None], 99, "promptmad"), "unknown class id 99"),
-    ("negative class id", lambda: (frame(1)[None], -1, "promptmad"), "unknown class id -1"),
-    ("wrong dtype", lambda: (frame(1)[None].astype(np.float32), 0, "promptmad"), "data-type"),
-    ("wrong rank", lambda: (frame(1)[None, ..., 0], 0, "promptmad"), "shape"),
-    ("empty image", lambda: (np.zeros((1, 0, 16, 3), np.uint8), 0, "promptmad"), "empty image"),
-    ("corrupt bytes", lambda: (np.array([[b"\x89PNG\r\n\x1a\n garbage"]], dtype=object), 0, "promptmad_encoded"), "not a decodable image"),
-    ("truncated png", lambda: (np.array([[png_bytes(frame(2))[:200]]], dtype=object), 0, "promptmad_encoded"), "image_bytes[0]"),
-    ("huge frame", lambda: (np.array([[_bomb_png()]], dtype=object), 0, "promptmad_encoded"), "max_pixels"),
+    ("unknown class id", lambda: (frame(1)[None], 99, contract.MODEL_NAME), "unknown class id 99"),
+    ("negative class id", lambda: (frame(1)[None], -1, contract.MODEL_NAME), "unknown class id -1"),
+    ("wrong dtype", lambda: (frame(1)[None].astype(np.float32), 0, contract.MODEL_NAME), "data-type"),
+    ("wrong rank", lambda: (frame(1)[None, ..., 0], 0, contract.MODEL_NAME), "shape"),
+    ("empty image", lambda: (np.zeros((1, 0, 16, 3), np.uint8), 0, contract.MODEL_NAME), "empty image"),
+    ("corrupt bytes", lambda: (np.array([[b"\x89PNG\r\n\x1a\n garbage"]], dtype=object), 0, contract.ENCODED_MODEL_NAME), "not a decodable image"),
+    ("truncated png", lambda: (np.array([[png_bytes(frame(2))[:200]]], dtype=object), 0, contract.ENCODED_MODEL_NAME), "image_bytes[0]"),
+    ("huge frame", lambda: (np.array([[_bomb_png()]], dtype=object), 0, contract.ENCODED_MODEL_NAME), "max_pixels"),
 ]
 
 
@@ -165,10 +167,10 @@ def test_port_taken_and_invalid_repository(tiny_repository, tmp_path):
 
 
 def test_ensemble_carries_class_names_and_thresholds(http, tiny_run):
-    params = http.get_model_config("promptmad")["parameters"]
-    assert json.loads(params["class_names"]["string_value"]) == list(TINY_CLASSES)
+    params = http.get_model_config(contract.MODEL_NAME)["parameters"]
+    assert json.loads(params[contract.PARAM_CLASS_NAMES]["string_value"]) == list(TINY_CLASSES)
     info = json.loads((tiny_run / "config.json").read_text())
-    assert json.loads(params["thresholds"]["string_value"]) == pytest.approx(info["calibration"]["thresholds"])
+    assert json.loads(params[contract.PARAM_THRESHOLDS]["string_value"]) == pytest.approx(info["calibration"]["thresholds"])
 
 
 def test_serve_command_starts_prints_urls_and_stops_on_ctrl_c(tiny_repository):
@@ -194,7 +196,7 @@ def test_serve_command_starts_prints_urls_and_stops_on_ctrl_c(tiny_repository):
             break
     text = "".join(lines)
     assert f"gRPC 127.0.0.1:{ports[1]}" in text and f"HTTP 127.0.0.1:{ports[0]}" in text, text
-    assert "promptmad            READY" in text
+    assert f"{contract.MODEL_NAME:<20} READY" in text
     assert httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}").is_server_ready()
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
