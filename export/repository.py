@@ -33,8 +33,6 @@ TEMPLATE_OF = {
 }
 # The preprocess model.py reads its input as raw pixels or as encoded bytes.
 INPUT_KIND = {contract.PREPROCESS.name: "raw", contract.PREPROCESS_ENCODED.name: "encoded"}
-# The prompt_bank step's per-class tables, <name>.npy beside its model.py (which loads them by these names).
-PROMPT_TABLES = ("text_table", "prompt_table")
 
 
 @dataclass(frozen=True)
@@ -130,12 +128,12 @@ def _set_engine_runtime(cfg, spec: RepositorySpec) -> None:
     cfg.ClearField("backend")
     cfg.ClearField("platform")
     if spec.runtime == "tensorrt":
-        cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
+        cfg.platform, cfg.default_model_filename = "tensorrt_plan", contract.PLAN_FILE
     elif spec.runtime == "onnxruntime":
-        cfg.platform, cfg.default_model_filename = "onnxruntime_onnx", "model.onnx"
+        cfg.platform, cfg.default_model_filename = "onnxruntime_onnx", contract.ONNX_FILE
     else:
         cfg.backend = "python"
-        _set_param(cfg, "onnx_file", "model.onnx")
+        _set_param(cfg, "onnx_file", contract.ONNX_FILE)
         _set_param(cfg, "intra_op_threads", str(spec.ort_threads))
     del cfg.instance_group[:]
     group = cfg.instance_group.add()
@@ -214,9 +212,9 @@ def _copy_engine(stage: Path, step: str, artifact: Path, runtime: str) -> None:
     if runtime == "tensorrt":
         if artifact.suffix != ".plan":
             raise ExportError(f"runtime tensorrt needs a .plan for {step}, got {artifact.name}")
-        shutil.copy2(artifact, version / "model.plan")
+        shutil.copy2(artifact, version / contract.PLAN_FILE)
         return
-    shutil.copy2(artifact, version / "model.onnx")
+    shutil.copy2(artifact, version / contract.ONNX_FILE)
     if runtime == "python-ort":
         shutil.copy2(templates_dir() / "onnx_runner.py", version / "model.py")
 
@@ -238,7 +236,7 @@ def _fill_stage(stage: Path, configs: dict, spec: RepositorySpec, artifacts: dic
     for step in ENGINE_STEPS:
         _copy_engine(stage, step, Path(artifacts[step]), spec.runtime)
     for name, table in tables.items():
-        np.save(stage / contract.PROMPT_BANK.name / "1" / f"{name}.npy", np.ascontiguousarray(table, dtype=np.float32))
+        np.save(stage / contract.PROMPT_BANK.name / "1" / name, np.ascontiguousarray(table, dtype=np.float32))
     (stage / "manifest.json").write_text(manifest_text)
 
 
@@ -259,7 +257,7 @@ def write_repository(out_dir: str | Path, spec: RepositorySpec, *, artifacts: di
     _check_inputs(spec, artifacts, text_table, prompt_table)
     manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
     configs = build_configs(spec, hashlib.sha256(manifest_text.encode()).hexdigest())
-    tables = dict(zip(PROMPT_TABLES, (text_table, prompt_table)))
+    tables = {contract.TEXT_TABLE_FILE: text_table, contract.PROMPT_TABLE_FILE: prompt_table}
     stage = _make_stage(out_dir)
     try:
         _fill_stage(stage, configs, spec, artifacts, tables, manifest_text)
@@ -306,9 +304,9 @@ def validate_repository(path: str | Path) -> None:
             raise ServeError(f"{path}: model {model!r} has no config.pbtxt; the repository is incomplete, re-run `promptmad export`")
     for step in ENGINE_STEPS:
         version = path / step / "1"
-        if not any((version / f).is_file() for f in ("model.onnx", "model.plan")):
-            raise ServeError(f"{version}: no model.onnx or model.plan; re-run `promptmad export`")
-    for f in PROMPT_TABLES:
-        table = path / contract.PROMPT_BANK.name / "1" / f"{f}.npy"
+        if not any((version / f).is_file() for f in (contract.ONNX_FILE, contract.PLAN_FILE)):
+            raise ServeError(f"{version}: no {contract.ONNX_FILE} or {contract.PLAN_FILE}; re-run `promptmad export`")
+    for f in (contract.TEXT_TABLE_FILE, contract.PROMPT_TABLE_FILE):
+        table = path / contract.PROMPT_BANK.name / "1" / f
         if not table.is_file():
             raise ServeError(f"{table}: missing; re-run `promptmad export`")

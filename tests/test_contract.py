@@ -71,7 +71,7 @@ def test_onnx_graph_matches_the_contract(tiny_repository, sizes, step):
     import onnxruntime as ort
 
     spec = contract.STEPS[step]
-    path = tiny_repository / step / "1" / "model.onnx"
+    path = tiny_repository / step / "1" / contract.ONNX_FILE
     graph = onnx.load(str(path), load_external_data=False).graph
     assert _graph_tensors(graph.input) == [(t.name, t.numpy_dtype, list(t.shape(sizes))) for t in spec.inputs]
     assert [(n, dt) for n, dt, _ in _graph_tensors(graph.output)] == [(t.name, t.numpy_dtype) for t in spec.outputs]
