@@ -28,6 +28,8 @@ ENCODED_MODEL_NAME = "promptmad_encoded"  # the same ensemble fed PNG/JPEG bytes
 
 # --- limits and defaults --------------------------------------------------------------------------
 MAX_PIXELS_PER_FRAME = 40_000_000  # larger frames are refused (decompression bombs, runaway cameras)
+MAX_PIXELS_PER_REQUEST = 2 * MAX_PIXELS_PER_FRAME  # all frames of one request together (memory per request)
+ENCODED_FORMATS = ("PNG", "JPEG")  # the only formats `promptmad_encoded` decodes (checked before decoding)
 DEFAULT_THRESHOLD = 0.5  # score threshold of a class that has no calibrated one
 DEFAULT_MAX_BATCH = 8  # max_batch_size of every model unless `promptmad export --max-batch`
 DEFAULT_IMAGE_SIZE = 224
@@ -36,6 +38,13 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
 DEFAULT_RUNTIME = "python-ort"
+
+# APIs that need the admin key (header ADMIN_KEY_HEADER): shared memory can map other processes'
+# regions, logging/trace change the server, model-repository loads models. Inference, health,
+# metadata, model-config and statistics stay open to every client of the ports.
+RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
+ADMIN_KEY_HEADER = "promptmad-admin-key"
+ADMIN_KEY_ENV = "PROMPTMAD_ADMIN_KEY"
 
 _NUMPY = {"UINT8": np.uint8, "INT32": np.int32, "FP32": np.float32, "BYTES": np.object_}
 
