@@ -28,7 +28,7 @@ ENCODED_MODEL_NAME = "promptmad_encoded"  # the same ensemble fed PNG/JPEG bytes
 
 # --- limits and defaults --------------------------------------------------------------------------
 MAX_PIXELS_PER_FRAME = 40_000_000  # larger frames are refused (decompression bombs, runaway cameras)
-MAX_PIXELS_PER_REQUEST = 2 * MAX_PIXELS_PER_FRAME  # all frames of one request together (memory per request)
+MAX_PIXELS_PER_REQUEST = MAX_PIXELS_PER_FRAME  # all frames of one request together: a batch cannot multiply the memory
 ENCODED_FORMATS = ("PNG", "JPEG")  # the only formats `promptmad_encoded` decodes (checked before decoding)
 DEFAULT_THRESHOLD = 0.5  # score threshold of a class that has no calibrated one
 DEFAULT_MAX_BATCH = 8  # max_batch_size of every model unless `promptmad export --max-batch`
