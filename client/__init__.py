@@ -12,6 +12,7 @@
 """
 
 from promptmad.client.aio import AsyncAnomalyClient
+from promptmad.client.core import AnomalyResult, ClientConfig
 from promptmad.client.errors import (
     ClientError,
     InferenceFailed,
@@ -22,7 +23,7 @@ from promptmad.client.errors import (
     ServerUnavailable,
     UnknownClass,
 )
-from promptmad.client.sync import AnomalyClient, AnomalyResult, ClientConfig
+from promptmad.client.sync import AnomalyClient
 
 __all__ = [
     "AnomalyClient", "AsyncAnomalyClient", "AnomalyResult", "ClientConfig", "ClientError", "ServerUnavailable",

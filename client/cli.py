@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptmad.client.core import ClientConfig
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,12 +21,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("source", help="folder, image list (.txt) or video file")
     p.add_argument("--class", dest="class_name", required=True, help="product class name as trained (see the server's class list)")
-    p.add_argument("--url", default="127.0.0.1:8001", help="server address (gRPC port; HTTP port with --protocol http)")
-    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
-    p.add_argument("--model", default="promptmad")
+    p.add_argument("--url", default=ClientConfig.url, help="server address (gRPC port; HTTP port with --protocol http)")
+    p.add_argument("--protocol", default=ClientConfig.protocol, choices=["grpc", "http"])
+    p.add_argument("--model", default=ClientConfig.model)
     p.add_argument("--out", default="out/score", help="output folder")
-    p.add_argument("--max-in-flight", type=int, default=8, help="frames in flight at once (backpressure window)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-frame timeout in seconds")
+    p.add_argument("--max-in-flight", type=int, default=ClientConfig.max_in_flight, help="frames in flight at once (backpressure window)")
+    p.add_argument("--timeout", type=float, default=ClientConfig.timeout_s, help="per-frame timeout in seconds")
     p.add_argument("--overlays", type=int, default=50, help="at most this many overlay PNGs of anomalous frames")
     p.set_defaults(func=_score)
 

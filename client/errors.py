@@ -60,4 +60,6 @@ def from_triton(exc: Exception, *, url: str, model: str) -> ClientError:
     if any(s in low for s in ("expected shape", "unexpected datatype", "unexpected shape", "empty image", "not a decodable",
                               "max_pixels", "decompression bomb", "nan or inf", "invalid argument")) or "INVALID_ARG" in status:
         return InvalidInput(msg, url=url, model=model)
+    if "UNAVAILABLE" in status:  # gRPC's word for a channel with no server behind it, whatever the message
+        return ServerUnavailable(f"server unreachable: {msg}", url=url, model=model)
     return InferenceFailed(msg, url=url, model=model)

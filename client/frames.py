@@ -9,14 +9,14 @@ from typing import Any, Union
 import numpy as np
 
 from promptmad.client.errors import InvalidInput
+from promptmad.contract import MAX_PIXELS_PER_FRAME
 
 Frame = Union[np.ndarray, bytes, bytearray, str, Path, Any]  # Any: PIL.Image.Image
 
-MAX_PIXELS = 40_000_000  # the server's default max_pixels: refuse earlier, without a round trip
 
-
-def to_rgb_array(frame: Frame, *, channel_order: str = "rgb", max_pixels: int = MAX_PIXELS) -> np.ndarray | bytes:
-    """Returns uint8 [H, W, 3] RGB (contiguous) or the encoded bytes unchanged."""
+def to_rgb_array(frame: Frame, *, channel_order: str = "rgb", max_pixels: int = MAX_PIXELS_PER_FRAME) -> np.ndarray | bytes:
+    """Returns uint8 [H, W, 3] RGB (contiguous) or the encoded bytes unchanged. Frames over the
+    server's pixel limit are refused here, without a round trip."""
     if channel_order not in ("rgb", "bgr"):
         raise InvalidInput(f"channel_order={channel_order!r}: use 'rgb' or 'bgr'")
     if isinstance(frame, (bytes, bytearray, memoryview)):

@@ -53,11 +53,3 @@ class SystemShmPool:
     def close(self) -> None:
         self._release()
 
-
-def cuda_shared_memory():
-    """CUDA shared memory (GPU servers) needs the CUDA Python bindings; imported on demand."""
-    try:
-        import tritonclient.utils.cuda_shared_memory as cudashm
-    except ImportError as exc:
-        raise ImportError("CUDA shared memory needs `pip install tritonclient[cuda]` (and a CUDA GPU on this host)") from exc
-    return cudashm

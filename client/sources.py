@@ -6,9 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from promptmad.client.errors import InvalidInput
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+from promptmad.contract import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 
 def iter_source(source: str | Path) -> Iterator[tuple[str, object]]:

@@ -23,7 +23,9 @@ from promptmad.client import (
     ServerUnavailable,
     UnknownClass,
 )
-from promptmad.client.errors import from_triton
+from promptmad import contract
+from promptmad.client.core import EXPECTED_INPUTS, EXPECTED_OUTPUTS
+from promptmad.client.errors import InferenceFailed, from_triton
 from promptmad.errors import ConfigError
 from promptmad.export.server import TritonServer
 from tests.conftest import TINY_CLASSES
@@ -127,6 +129,111 @@ def test_async_client_matches_sync(client, triton_server):
     assert [r.frame_id for r in many] == list(range(6)) and all(r.ok for r in many)
 
 
+def test_integer_class_ids_resolve_the_same_in_both_clients(client, triton_server):
+    img = frame(9)
+
+    async def main():
+        async with AsyncAnomalyClient(triton_server.grpc_url) as ac:
+            by_id = await ac.score(img, 1)
+            with pytest.raises(UnknownClass, match="out of range"):
+                await ac.score(img, len(TINY_CLASSES))
+            return by_id
+
+    by_name = client.score(img, "coffee")
+    for r in (asyncio.run(main()), client.score(img, np.int64(1))):
+        assert r.class_name == "coffee" and r.threshold == by_name.threshold
+        assert abs(r.score - by_name.score) < 1e-6
+    with pytest.raises(UnknownClass, match="out of range"):
+        client.score(img, -1)
+
+
+def test_client_expects_the_contract_and_the_server_serves_it(client):
+    for expected, tensors in ((EXPECTED_INPUTS, contract.ENSEMBLE.inputs), (EXPECTED_OUTPUTS, contract.ENSEMBLE.outputs)):
+        assert expected == {t.name: (t.dtype, contract.triton_metadata_shape(t)) for t in tensors}
+    meta = client._client.get_model_metadata(contract.MODEL_NAME, as_json=True)
+    served = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in (*meta["inputs"], *meta["outputs"])}
+    assert served == {**EXPECTED_INPUTS, **EXPECTED_OUTPUTS}
+
+
+@pytest.mark.parametrize("which", ["sync", "async"])
+def test_both_clients_reject_a_server_with_another_tensor_shape(triton_server, monkeypatch, which):
+    """The served anomaly_map loses a dimension: dtypes still match, only the shape check can catch it."""
+    import tritonclient.grpc as tc
+    import tritonclient.grpc.aio as aio
+
+    cls = tc.InferenceServerClient if which == "sync" else aio.InferenceServerClient
+    real = cls.get_model_metadata
+
+    def flatten(meta):
+        for t in meta["outputs"]:
+            if t["name"] == contract.ANOMALY_MAP.name:
+                t["shape"] = t["shape"][:-1]
+        return meta
+
+    async def async_metadata(self, *args, **kwargs):
+        return flatten(await real(self, *args, **kwargs))
+
+    monkeypatch.setattr(cls, "get_model_metadata", (lambda self, *a, **k: flatten(real(self, *a, **k))) if which == "sync" else async_metadata)
+    match = "output 'anomaly_map': expected FP32 \\[-1, -1, -1\\], server has FP32 \\[-1, -1\\]"
+    with pytest.raises(ModelMismatch, match=match):
+        if which == "sync":
+            AnomalyClient(triton_server.grpc_url)
+        else:
+            asyncio.run(AsyncAnomalyClient(triton_server.grpc_url).connect())
+
+
+def test_score_batch_sends_same_size_frames_as_batches(client, triton_server):
+    import tritonclient.http as th
+
+    stats = th.InferenceServerClient(triton_server.http_url)
+
+    def counts():
+        st = stats.get_inference_statistics(contract.MODEL_NAME)["model_stats"][0]
+        return st["inference_count"], st["inference_stats"]["success"]["count"]
+
+    frames = [frame(600 + i, 48, 48) for i in range(5)] + [frame(700 + i, 40, 56) for i in range(2)]
+    before = counts()
+    results = client.score_batch(frames, "brick")
+    after = counts()
+    assert client.max_batch_size == 4  # the tiny repository's export --max-batch
+    assert (after[0] - before[0], after[1] - before[1]) == (7, 3)  # 4 + 1 frames of 48x48, 2 of 40x56
+    assert [r.frame_id for r in results] == list(range(7))
+    assert [r.anomaly_map.shape for r in results] == [(48, 48)] * 5 + [(40, 56)] * 2
+    singles = [client.score(f, "brick").score for f in frames]
+    assert np.allclose([r.score for r in results], singles, atol=1e-5)
+
+
+class _FlakyServer:
+    """Stands in for the tritonclient of `_wait_for_server`: fails with `error` `fails` times, then is ready."""
+
+    def __init__(self, error, fails):
+        self.error, self.fails, self.calls = error, fails, 0
+
+    def is_server_ready(self):
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise self.error
+        return True
+
+    def is_model_ready(self, model):
+        return True
+
+
+def test_wait_for_server_retries_only_connection_errors_on_one_client(monkeypatch):
+    from tritonclient.utils import InferenceServerException
+
+    c = AnomalyClient("127.0.0.1:1", connect=False)
+    monkeypatch.setattr(c, "_make_client", lambda: pytest.fail("a new tritonclient per retry"))
+    c._client = _FlakyServer(InferenceServerException("failed to connect to all addresses", status="StatusCode.UNAVAILABLE"), 2)
+    assert c._wait_for_server(time.monotonic() + 30) and c._client.calls == 3
+    c._client = _FlakyServer(InferenceServerException("permission denied by the proxy", status="StatusCode.PERMISSION_DENIED"), 1)
+    with pytest.raises(InferenceFailed, match="permission denied"):
+        c._wait_for_server(time.monotonic() + 30)
+    assert c._client.calls == 1
+    c._client = _FlakyServer(InferenceServerException("connection refused"), 10**6)
+    assert not c._wait_for_server(time.monotonic() + 0.5)
+
+
 def test_shared_memory_round_trip_and_cleanup(triton_server, client):
     img = frame(11, 300, 400)
     with AnomalyClient(triton_server.grpc_url, use_shared_memory=True) as shm_client:
@@ -134,10 +241,15 @@ def test_shared_memory_round_trip_and_cleanup(triton_server, client):
         b = shm_client.score(frame(12, 100, 100), "coffee")  # reuses the region
         prefix = shm_client._shm.prefix
         assert any(prefix in f for f in os.listdir("/dev/shm"))
-        status = shm_client._client.get_system_shared_memory_status(as_json=True)
-        assert any(prefix in r.get("name", "") for r in status.get("regions", {}).values()) or status
+        assert shm_client._shm.name in _registered_regions(shm_client)
     assert abs(a.score - client.score(img, "coffee").score) < 1e-6 and b.ok
     assert not any(prefix in f for f in os.listdir("/dev/shm"))
+    assert not any(prefix in name for name in _registered_regions(client))
+
+
+def _registered_regions(c) -> list[str]:
+    status = c._client.get_system_shared_memory_status(as_json=True)
+    return [r["name"] for r in status.get("regions", {}).values()]
 
 
 def test_model_mismatch_unavailable_and_config_errors(triton_server):
@@ -191,5 +303,21 @@ def test_score_cli_writes_csv_and_overlays(triton_server, tiny_dataset, tmp_path
     assert len(rows) == len(list(src.rglob("*.png")))
     assert {r["verdict"] for r in rows} <= {"anomalous", "normal"}
     n_bad = sum(r["verdict"] == "anomalous" for r in rows)
-    assert len(list((out / "overlays").glob("*.png"))) if n_bad else True
-    assert "frames:" in proc.stdout
+    assert len(list((out / "overlays").glob("*.png"))) == n_bad  # the tiny model may flag none: see the next test
+    assert f"{len(rows)} frames: {n_bad} anomalous" in proc.stdout
+
+
+def test_score_cli_overlays_anomalous_frames_up_to_the_limit(triton_server, tiny_dataset, tmp_path, monkeypatch):
+    from promptmad.cli import main
+    from promptmad.client.core import ClientCore
+
+    real = ClientCore._target
+    monkeypatch.setattr(ClientCore, "_target", lambda self, c: (*real(self, c)[:2], 0.0))  # threshold 0: all anomalous
+    out = tmp_path / "score"
+    src = tiny_dataset / "brick" / "test"
+    argv = ["score", str(src), "--class", "brick", "--url", triton_server.grpc_url, "--out", str(out), "--overlays", "4"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == len(list(src.rglob("*.png"))) > 4
+    assert {r["verdict"] for r in rows} == {"anomalous"}
+    assert len(list((out / "overlays").glob("*.png"))) == 4

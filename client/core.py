@@ -1,0 +1,273 @@
+"""The protocol-agnostic core of both clients: settings, results, the tensors the served ensemble
+must have (derived from `promptmad.contract`), class resolution, request tensors, batching, the
+connect sequence, metadata checks and result decoding. Nothing here does I/O: `sync.py` and
+`aio.py` run the calls it asks for, blocking or awaited, so both clients follow the same rules."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Generator, Sequence
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from promptmad import contract
+from promptmad.client.errors import ClientError, ModelMismatch, ModelNotReady, ServerUnavailable, UnknownClass, from_triton
+from promptmad.client.frames import to_rgb_array
+from promptmad.errors import ConfigError
+
+# What a Triton client call raises when it fails: server errors, and (HTTP) socket errors.
+CALL_ERRORS = (InferenceServerException, OSError)
+
+
+def expected_tensors(tensors: Sequence[contract.Tensor]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (Triton dtype, metadata shape) as the server must report them."""
+    return {t.name: (t.dtype, contract.triton_metadata_shape(t)) for t in tensors}
+
+
+EXPECTED_INPUTS = expected_tensors(contract.ENSEMBLE.inputs)
+EXPECTED_OUTPUTS = expected_tensors(contract.ENSEMBLE.outputs)
+OUTPUT_NAMES = tuple(t.name for t in contract.ENSEMBLE.outputs)
+# Encoded frames go to the bytes twin of whichever ensemble the client targets: "<model>_encoded".
+ENCODED_SUFFIX = contract.ENCODED_MODEL_NAME.removeprefix(contract.MODEL_NAME)
+
+Encoded = bytes  # a PNG/JPEG frame, sent as is to the encoded ensemble
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Connection settings, validated on construction (messages name the field)."""
+
+    url: str = "127.0.0.1:8001"
+    protocol: str = "grpc"
+    model: str = contract.MODEL_NAME
+    timeout_s: float = 30.0
+    max_in_flight: int = 8
+    max_retries: int = 2
+    reconnect_timeout_s: float = 60.0
+    use_shared_memory: bool = False
+    channel_order: str = "rgb"
+    ssl: bool = False
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("grpc", "http"):
+            raise ConfigError("protocol", f"{self.protocol!r}: use 'grpc' or 'http'")
+        if ":" not in self.url or "/" in self.url:
+            raise ConfigError("url", f"{self.url!r}: use host:port, e.g. 127.0.0.1:8001 (gRPC) or 127.0.0.1:8000 (HTTP)")
+        if self.timeout_s <= 0:
+            raise ConfigError("timeout_s", f"{self.timeout_s}: must be > 0 seconds")
+        if self.max_in_flight < 1:
+            raise ConfigError("max_in_flight", f"{self.max_in_flight}: must be >= 1")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries", f"{self.max_retries}: must be >= 0")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ConfigError("channel_order", f"{self.channel_order!r}: use 'rgb' or 'bgr'")
+        if self.ssl and self.protocol != "grpc":
+            raise ConfigError("ssl", "the ssl options are for gRPC; for HTTPS put a TLS proxy in front and use its URL")
+
+    def grpc_kwargs(self) -> dict:
+        """Arguments of tritonclient's gRPC clients (sync and asyncio) for this config."""
+        return {"ssl": self.ssl, "root_certificates": self.root_certificates, "private_key": self.private_key,
+                "certificate_chain": self.certificate_chain}
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    """One frame's answer. `error` is set (and score is NaN) when the frame could not be scored."""
+
+    frame_id: Any
+    class_name: str
+    score: float
+    anomaly_map: np.ndarray | None
+    is_anomalous: bool
+    threshold: float
+    latency_s: float
+    error: Exception | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def error_result(frame_id, class_name: str, threshold: float, exc: Exception, latency: float = 0.0) -> AnomalyResult:
+    return AnomalyResult(frame_id, class_name, float("nan"), None, False, threshold, latency, exc)
+
+
+def frame_item(seq: int, item) -> tuple[Any, Any]:
+    """(frame_id, frame) of a stream item: a frame (id = its position) or a (frame_id, frame) pair."""
+    return item if isinstance(item, tuple) and len(item) == 2 else (seq, item)
+
+
+def check_metadata(meta: dict, *, url: str, model: str) -> None:
+    """Raises ModelMismatch unless the served model has every expected tensor with its dtype and
+    shape (-1 in the expectation matches any size; the rank must match)."""
+    for kind, expected in (("inputs", EXPECTED_INPUTS), ("outputs", EXPECTED_OUTPUTS)):
+        got = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta.get(kind, [])}
+        for name, (dtype, shape) in expected.items():
+            if name not in got:
+                raise ModelMismatch(f"{kind[:-1]} {name!r} missing: the model has {sorted(got)}; is this a promptmad repository?",
+                                    url=url, model=model)
+            gdtype, gshape = got[name]
+            if gdtype != dtype or len(gshape) != len(shape) or any(e != -1 and e != g for e, g in zip(shape, gshape)):
+                raise ModelMismatch(f"{kind[:-1]} {name!r}: expected {dtype} {shape}, server has {gdtype} {gshape}; "
+                                    "client and repository versions differ", url=url, model=model)
+
+
+def not_ready_detail(index) -> str:
+    """Which models of the repository index are not READY, and why."""
+    models = index.get("models", []) if isinstance(index, dict) else index
+    bad = [f"{m['name']} ({m.get('state', 'UNKNOWN')}: {m.get('reason', '').strip() or 'no reason given'})"
+           for m in models if m.get("state") != "READY"]
+    return (": not ready: " + "; ".join(bad)) if bad else ""
+
+
+def batch_groups(prepared: Sequence, max_batch: int) -> list[list[int]]:
+    """Indices of `prepared` frames grouped into requests: arrays of one size together, encoded
+    frames together, at most `max_batch` per request, in order of first appearance."""
+    groups: dict[Any, list[list[int]]] = {}
+    for i, arr in enumerate(prepared):
+        key = arr.shape if isinstance(arr, np.ndarray) else Encoded
+        chunks = groups.setdefault(key, [[]])
+        if len(chunks[-1]) >= max_batch:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def request_tensors(batch: Sequence, cid: int) -> list[tuple[contract.Tensor, np.ndarray]]:
+    """The ensemble's inputs for a batch of prepared frames (all arrays of one size, or all encoded)."""
+    n = len(batch)
+    if isinstance(batch[0], np.ndarray):
+        image = (contract.IMAGE, np.stack(batch) if n > 1 else batch[0][None])
+    else:
+        image = (contract.IMAGE_BYTES, np.array(list(batch), dtype=np.object_).reshape(n, 1))
+    return [image, (contract.CLASS_ID, np.full((n, 1), cid, dtype=np.int32))]
+
+
+def infer_inputs(tc, tensors, *, attach=None) -> list:
+    """tritonclient InferInputs (`tc`: tritonclient.grpc, .http or .grpc.aio). `attach(input, array)`,
+    when given, places the image in shared memory instead of the request body."""
+    inputs = []
+    for tensor, array in tensors:
+        inp = tc.InferInput(tensor.name, list(array.shape), tensor.dtype)
+        if attach is not None and tensor is contract.IMAGE:
+            attach(inp, array)
+        else:
+            inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    return inputs
+
+
+def target_model(model: str, tensors) -> str:
+    """Raw frames go to `model`, encoded ones to its `_encoded` twin."""
+    return model + ENCODED_SUFFIX if tensors[0][0] is contract.IMAGE_BYTES else model
+
+
+class ClientCore:
+    """State and rules both clients share: the config, the served classes and thresholds, class
+    resolution, frame preparation, result decoding and the connect sequence."""
+
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        self._client = None
+        self.class_names: list[str] = []
+        self.thresholds: dict[str, float] = {}
+        self.image_size: int | None = None
+        self.manifest_sha256: str = ""
+        self.max_batch_size: int = 1
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    def _err(self, exc: Exception) -> ClientError:
+        return exc if isinstance(exc, ClientError) else from_triton(exc, url=self.url, model=self.model)
+
+    def class_id(self, class_name: str | int) -> int:
+        """The served class id of a class name, or an integer id checked against the served range."""
+        if isinstance(class_name, (int, np.integer)) and not isinstance(class_name, bool):
+            if 0 <= int(class_name) < len(self.class_names):
+                return int(class_name)
+            raise UnknownClass(f"class id {class_name} out of range 0..{len(self.class_names) - 1}", url=self.url, model=self.model)
+        try:
+            return self.class_names.index(class_name)
+        except ValueError:
+            raise UnknownClass(f"unknown class {class_name!r}; the server knows: {', '.join(self.class_names)}",
+                               url=self.url, model=self.model) from None
+
+    def threshold(self, class_name: str | int) -> float:
+        return self._target(class_name)[2]
+
+    def _target(self, class_name: str | int) -> tuple[int, str, float]:
+        """(class id, class name, threshold) of a class name or id; raises UnknownClass."""
+        cid = self.class_id(class_name)
+        name = self.class_names[cid]
+        return cid, name, float(self.thresholds.get(name, contract.DEFAULT_THRESHOLD))
+
+    def _prepare(self, frame):
+        return to_rgb_array(frame, channel_order=self.config.channel_order)
+
+    def _decode(self, res, frame_ids, class_name: str, thr: float, latency: float) -> list[AnomalyResult]:
+        score_name, map_name = OUTPUT_NAMES
+        scores = res.as_numpy(score_name).reshape(-1)
+        maps = res.as_numpy(map_name)
+        return [AnomalyResult(fid, class_name, float(s), m, bool(s > thr), thr, latency) for fid, s, m in zip(frame_ids, scores, maps)]
+
+    def _build_request(self, tc, batch: Sequence, cid: int, *, attach=None) -> tuple[str, list, list]:
+        """(model, inputs, requested outputs) of one request for a batch of prepared frames, as
+        tritonclient objects of `tc` (tritonclient.grpc, .http or .grpc.aio)."""
+        tensors = request_tensors(batch, cid)
+        outputs = [tc.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+        return target_model(self.model, tensors), infer_inputs(tc, tensors, attach=attach), outputs
+
+    def _batches(self, prepared: Sequence) -> list[list[int]]:
+        return batch_groups(prepared, self.max_batch_size)
+
+    # ------------------------------------------------------------------------------ connect
+    def _connect_calls(self) -> Generator[tuple[str, tuple], Any, None]:
+        """The connect sequence, once for both clients: yields (Triton client method, args), gets
+        each answer back (or its typed error thrown in). Checks liveness, model readiness and the
+        model's tensors; reads the class names and thresholds export stored in the config."""
+        try:
+            live = yield "is_server_live", ()
+        except ClientError as exc:
+            raise ServerUnavailable(f"cannot reach the Triton server ({exc}); is `promptmad serve` running?", url=self.url) from None
+        if not live:
+            raise ServerUnavailable("the Triton server is not live", url=self.url)
+        if not (yield "is_model_ready", (self.model,)):
+            try:  # a live server whose ensemble is not ready: say which step failed rather than "not ready"
+                detail = not_ready_detail((yield "get_model_repository_index", ()))
+            except ClientError:
+                detail = "; check the server log"
+            raise ModelNotReady(f"model {self.model!r} is not READY{detail}", url=self.url, model=self.model)
+        check_metadata((yield "get_model_metadata", (self.model,)), url=self.url, model=self.model)
+        self._read_parameters((yield "get_model_config", (self.model,)))
+
+    def _read_parameters(self, cfg: dict) -> None:
+        cfg = cfg.get("config", cfg)
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        if contract.PARAM_CLASS_NAMES not in params:
+            raise ModelMismatch(f"the model config has no {contract.PARAM_CLASS_NAMES} parameter; re-export the repository "
+                                "with `promptmad export`", url=self.url, model=self.model)
+        self.class_names = list(json.loads(params[contract.PARAM_CLASS_NAMES]))
+        self.thresholds = {k: float(v) for k, v in json.loads(params.get(contract.PARAM_THRESHOLDS, "{}")).items()}
+        size = params.get(contract.PARAM_IMAGE_SIZE)
+        self.image_size = int(size) if size else None
+        self.manifest_sha256 = params.get(contract.PARAM_MANIFEST_SHA256, "")
+        self.max_batch_size = max(1, int(cfg.get("max_batch_size", 1) or 1))
+
+
+def advance(calls: Generator, answer=None, error: ClientError | None = None):
+    """The next (method, args) of a call sequence, given the last answer or error; None when done."""
+    try:
+        return calls.throw(error) if error is not None else calls.send(answer)
+    except StopIteration:
+        return None
