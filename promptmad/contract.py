@@ -24,7 +24,8 @@ Dim = Union[int, str]
 
 # --- names -------------------------------------------------------------------------------------
 MODEL_NAME = "promptmad"  # the served ensemble (raw frames)
-ENCODED_MODEL_NAME = "promptmad_encoded"  # the same ensemble fed PNG/JPEG bytes
+ENCODED_SUFFIX = "_encoded"  # <model>_encoded: the same ensemble fed PNG/JPEG bytes
+ENCODED_MODEL_NAME = MODEL_NAME + ENCODED_SUFFIX
 
 # --- limits and defaults --------------------------------------------------------------------------
 MAX_PIXELS_PER_FRAME = 40_000_000  # larger frames are refused (decompression bombs, runaway cameras)
