@@ -30,7 +30,7 @@ EXPECTED_INPUTS = expected_tensors(contract.ENSEMBLE.inputs)
 EXPECTED_OUTPUTS = expected_tensors(contract.ENSEMBLE.outputs)
 OUTPUT_NAMES = tuple(t.name for t in contract.ENSEMBLE.outputs)
 # Encoded frames go to the bytes twin of whichever ensemble the client targets: "<model>_encoded".
-ENCODED_SUFFIX = contract.ENCODED_MODEL_NAME.removeprefix(contract.MODEL_NAME)
+ENCODED_SUFFIX = contract.ENCODED_SUFFIX
 
 Encoded = bytes  # a PNG/JPEG frame, sent as is to the encoded ensemble
 
