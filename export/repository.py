@@ -161,7 +161,10 @@ def _step_config(step: contract.Step, spec: RepositorySpec):
     if step.name in INPUT_KIND:
         _set_param(cfg, contract.PARAM_INPUT_KIND, INPUT_KIND[step.name])
         _set_param(cfg, contract.PARAM_IMAGE_SIZE, str(spec.image_size))
+        _set_param(cfg, contract.PARAM_ENCODED_FORMATS, list(contract.ENCODED_FORMATS))
+    if step.name in INPUT_KIND or step is contract.POSTPROCESS:  # the steps that size frames check the limits
         _set_param(cfg, contract.PARAM_MAX_PIXELS, str(contract.MAX_PIXELS_PER_FRAME))
+        _set_param(cfg, contract.PARAM_MAX_PIXELS_PER_REQUEST, str(contract.MAX_PIXELS_PER_REQUEST))
     if step is contract.PROMPT_BANK:
         _set_param(cfg, contract.PARAM_CLASS_NAMES, list(spec.class_names))
     return cfg

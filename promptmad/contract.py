@@ -159,6 +159,8 @@ PARAM_RUNTIME = "runtime"
 # Parameters of the Python-backend steps (written by export from the limits above).
 PARAM_MAX_PIXELS = "max_pixels"
 PARAM_INPUT_KIND = "input_kind"
+PARAM_MAX_PIXELS_PER_REQUEST = "max_pixels_per_request"  # preprocess and postprocess: MAX_PIXELS_PER_REQUEST
+PARAM_ENCODED_FORMATS = "encoded_formats"  # preprocess: JSON list, ENCODED_FORMATS
 
 
 def resolve_dims(dims: tuple[Dim, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
