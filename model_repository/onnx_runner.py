@@ -3,7 +3,9 @@ the one the embedded pytriton server can run; the NGC container uses onnxruntime
 models for the same graphs). `promptmad export` copies this file to <step>/1/model.py.
 
 All requests of a dynamic batch are concatenated into one ONNX Runtime run and the outputs split
-back per request. Float inputs with NaN/inf are refused per request.
+back per request. Fail closed: float inputs with NaN/inf are refused per request, and so is a
+request whose outputs are not finite (inputs far outside the trained range overflow to NaN, and a
+NaN score compares False against any threshold: it would pass a part). Every error names the step.
 """
 
 import json
@@ -27,6 +29,10 @@ class TritonPythonModel:
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
         self.max_batch = int(config.get("max_batch_size", 0))
+        self.name = args["model_name"]
+
+    def _error(self, message):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{self.name}: {message}"))
 
     def _read(self, request):
         arrays = {}
@@ -35,13 +41,22 @@ class TritonPythonModel:
             if a.dtype != dtype:
                 a = a.astype(dtype)
             if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise ValueError(f"{name}: contains NaN or inf; send finite values")
+                raise ValueError(f"input {name} contains NaN or inf; send finite values")
             arrays[name] = a
         return arrays
 
     def _run(self, feeds):
         outs = self.session.run([n for n, _ in self.outputs], feeds)
         return [o.astype(dtype, copy=False) for o, (_, dtype) in zip(outs, self.outputs)]
+
+    def _respond(self, outs):
+        """One request's response, or an error naming the step and the output that is not finite."""
+        for (name, _), o in zip(self.outputs, outs):
+            if o.dtype.kind == "f" and not np.isfinite(o).all():
+                return self._error(f"output {name} is not finite (NaN or inf) for this request, refused rather than "
+                                   "passed on; its inputs are far outside what the model was trained on")
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.ascontiguousarray(o)) for (name, _), o in zip(self.outputs, outs)])
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -51,7 +66,7 @@ class TritonPythonModel:
                 batches.append(self._read(request))
                 good.append(i)
             except Exception as exc:
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+                responses[i] = self._error(str(exc))
         if good:
             try:
                 feeds = {n: np.concatenate([b[n] for b in batches]) for n, _ in self.inputs}
@@ -59,17 +74,13 @@ class TritonPythonModel:
                 start = 0
                 for i, b in zip(good, batches):
                     size = b[self.inputs[0][0]].shape[0]
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(name, np.ascontiguousarray(o[start:start + size])) for (name, _), o in zip(self.outputs, outs)])
+                    responses[i] = self._respond([o[start:start + size] for o in outs])
                     start += size
             except Exception:
                 # isolate the failing request instead of failing the whole batch
                 for i, b in zip(good, batches):
                     try:
-                        outs = self._run(b)
-                        responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                            pb_utils.Tensor(name, o) for (name, _), o in zip(self.outputs, outs)])
+                        responses[i] = self._respond(self._run(b))
                     except Exception as exc:
-                        responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                            f"onnxruntime failed: {type(exc).__name__}: {exc}"))
+                        responses[i] = self._error(f"onnxruntime failed: {type(exc).__name__}: {exc}")
         return responses

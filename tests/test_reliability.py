@@ -44,6 +44,10 @@ def _send(http, model, tensors):
     return http.infer(model, inputs)
 
 
+F = frame(3, 32, 40)
+LIMIT = contract.MAX_PIXELS_PER_FRAME
+
+
 def _good(http):
     res = _send(http, RAW, [_img(frame(1)[None]), _cid(0)])
     assert np.isfinite(res.as_numpy(contract.ANOMALY_SCORE.name)).all()
@@ -74,14 +78,48 @@ def _big_png(w, h):
     return buf.getvalue()
 
 
+def _composing(step, fill=None, **arrays):
+    """Placeholders for a composing model's inputs, filled at test time by _fill_composing: each a
+    function of the served shape [1, *dims]; `arrays` names some inputs, `fill` makes the others
+    (zeros when None)."""
+    zeros = fill or (lambda shape: np.zeros(shape, np.float32))
+    return [(t.name, arrays.get(t.name, zeros), t.dtype) for t in step.inputs]
+
+
+def _with_nan(shape):
+    a = np.zeros(shape, np.float32)
+    a.flat[0] = np.nan
+    return a
+
+
 def _nan_inputs(step):
-    """Placeholders for a composing model's inputs, filled at test time by _fill_composing."""
-    return [(t.name, None, t.dtype) for t in step.inputs]
+    """Zeros with one NaN in the step's first input."""
+    return _composing(step, **{step.inputs[0].name: _with_nan})
 
 
-F = frame(3, 32, 40)
-LIMIT = contract.MAX_PIXELS_PER_FRAME
+def _full(value):
+    return lambda shape: np.full(shape, value, np.float32)
+
+
+def _postprocess(h, w, amap=None):
+    """postprocess alone: a map at model resolution (zeros unless `amap`) and original_size [[h, w]]."""
+    size = lambda shape: np.array([[h, w]], np.int32)  # noqa: E731
+    return _composing(contract.POSTPROCESS, amap, **{contract.ORIGINAL_SIZE.name: size})
+
+
+def _encoded_as(fmt):
+    """F saved by Pillow in another format than the accepted ones."""
+    buf = io.BytesIO()
+    Image.fromarray(F).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
 BOMB_SIDE = math.isqrt(2 * LIMIT) + 1  # Pillow refuses more than twice its MAX_IMAGE_PIXELS outright
+REQUEST_SIDE = math.isqrt(contract.MAX_PIXELS_PER_REQUEST // 2) + 1  # two such frames exceed the request limit
+assert REQUEST_SIDE ** 2 <= LIMIT
 # (case id, model, tensors, words the error must contain)
 CASES = [
     ("image float32", RAW, [_img(F[None].astype(np.float32), "FP32"), _cid(0)], "data-type"),
@@ -115,30 +153,45 @@ CASES = [
     ("huge frame", ENCODED, [_bytes(_big_png(7000, LIMIT // 7000 + 1)), _cid(0)], f"max_pixels={LIMIT}"),
     ("bytes to raw ensemble", RAW, [_bytes(png_bytes(F)), _cid(0)], "image"),
     ("encoded with unknown class", ENCODED, [_bytes(png_bytes(F)), _cid(7)], "unknown class id 7"),
-    ("NaN into reconstructor", contract.RECONSTRUCTOR.name, _nan_inputs(contract.RECONSTRUCTOR), "nan or inf"),
-    ("NaN into segmentor", contract.SEGMENTOR.name, _nan_inputs(contract.SEGMENTOR), "nan or inf"),
+    ("NaN into reconstructor", contract.RECONSTRUCTOR.name, _nan_inputs(contract.RECONSTRUCTOR), ("reconstructor", "nan or inf")),
+    ("NaN into segmentor", contract.SEGMENTOR.name, _nan_inputs(contract.SEGMENTOR), ("segmentor", "nan or inf")),
+    # finite inputs whose result is not finite: the step answers an error naming itself, never a NaN
+    ("1e20 into reconstructor", contract.RECONSTRUCTOR.name, _composing(contract.RECONSTRUCTOR, _full(1e20)), "reconstructor: output"),
+    ("1e30 into segmentor", contract.SEGMENTOR.name, _composing(contract.SEGMENTOR, _full(1e30)), "segmentor: output"),
+    ("NaN map into postprocess", contract.POSTPROCESS.name, _postprocess(8, 8, _with_nan),
+     ("postprocess", "anomaly_map_model", "not finite")),
+    ("inf map into postprocess", contract.POSTPROCESS.name, _postprocess(8, 8, _full(np.inf)), ("postprocess", "not finite")),
+    # postprocess alone trusts no size: each side and the product within the per-frame limit
+    *[(f"postprocess original_size {h}x{w}", contract.POSTPROCESS.name, _postprocess(h, w), ("original_size", expected))
+      for h, w, expected in [(8000, 8000, f"max_pixels={LIMIT}"), (100000, 100000, f"max_pixels={LIMIT}"),
+                             (2**31 - 1, 1, f"max_pixels={LIMIT}"), (0, 8, "positive"), (8, 0, "positive"),
+                             (-5, 8, "positive"), (-(2**31), -(2**31), "positive")]],
+    # promptmad_encoded decodes PNG and JPEG only, recognised by their first bytes before any decoder runs
+    *[(f"{fmt} payload", ENCODED, [_bytes(_encoded_as(fmt)), _cid(0)], ("image_bytes[0]", ", ".join(contract.ENCODED_FORMATS)))
+      for fmt in ("BMP", "TIFF", "GIF", "WEBP", "ICO", "PCX", "TGA", "PPM")],
+    ("EPS payload", ENCODED, [_bytes(EPS), _cid(0)], ("image_bytes[0]", ", ".join(contract.ENCODED_FORMATS))),
+    # two frames each under the per-frame limit, together over the per-request one (refused from the headers)
+    ("two frames over the request limit", ENCODED,
+     [(contract.IMAGE_BYTES.name, np.array([[_big_png(REQUEST_SIDE, REQUEST_SIDE)]] * 2, dtype=object), contract.IMAGE_BYTES.dtype),
+      _cid(0, shape=(2, 1))], ("max_pixels_per_request", str(contract.MAX_PIXELS_PER_REQUEST))),
 ]
 
 
 def _fill_composing(http, model, tensors):
-    """Zeros of the served shapes for a composing model's inputs, one NaN in the first one."""
+    """A composing model's inputs at the served shapes, made by the placeholders' functions."""
     dims = {spec["name"]: spec["dims"] for spec in http.get_model_config(model)["input"]}
-    out = []
-    for name, _, dtype in tensors:
-        a = np.zeros([1, *dims[name]], np.float32)
-        if not out:
-            a.flat[0] = np.nan
-        out.append((name, a, dtype))
-    return out
+    numpy_dtypes = {t.name: t.numpy_dtype for t in contract.STEPS[model].inputs}
+    return [(name, make([1, *dims[name]]).astype(numpy_dtypes[name]), dtype) for name, make, dtype in tensors]
 
 
 @pytest.mark.parametrize("case,model,tensors,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_table(http, case, model, tensors, expected):
-    if tensors[0][1] is None:
+    if callable(tensors[0][1]):
         tensors = _fill_composing(http, model, tensors)
     with pytest.raises(InferenceServerException) as err:
         _send(http, model, tensors)
-    assert expected.lower() in str(err.value).lower(), f"{case}: {err.value}"
+    for word in (expected,) if isinstance(expected, str) else expected:
+        assert word.lower() in str(err.value).lower(), f"{case}: {err.value}"
     _good(http)
 
 

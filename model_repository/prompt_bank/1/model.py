@@ -23,6 +23,9 @@ class TritonPythonModel:
         self.class_names = json.loads(params.get("class_names", "[]"))
         if self.text.shape[0] != self.prompts.shape[0]:
             raise ValueError(f"text_table has {self.text.shape[0]} classes, prompt_table {self.prompts.shape[0]}")
+        for name, table in (("text_table", self.text), ("prompt_table", self.prompts)):
+            if not np.isfinite(table).all():  # fail at load, not with a NaN score per request
+                raise ValueError(f"{name}.npy: contains NaN or inf; re-run `promptmad export`")
         self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
     def execute(self, requests):
