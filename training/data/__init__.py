@@ -4,6 +4,7 @@
 - `datasets`: loaders for MVTec AD, VisA and plain folders; the image I/O shared with serving
   (`read_rgb`, `resize_rgb`: PIL bilinear, as the Triton preprocess model); torch datasets.
 - `anomalies`: synthetic anomalies (CutPaste, Perlin texture paste) that supervise training.
+- `names`: the layouts, synthetic classes and defect kinds (imported by the modules and the CLIs).
 - `cli`: `promptmad data synth`.
 
 Names are re-exported lazily: `promptmad --help` imports this package through the CLI and must
@@ -20,7 +21,7 @@ _EXPORTS = {
     "read_rgb": "datasets", "read_mask": "datasets", "resize_rgb": "datasets", "resize_mask": "datasets",
     "TrainDataset": "datasets", "TestDataset": "datasets",
     "AnomalySynthesizer": "anomalies", "perlin_noise": "anomalies",
-    "generate_dataset": "synth", "DEFAULT_CLASSES": "synth", "DEFECTS": "synth",
+    "generate_dataset": "synth", "DEFAULT_CLASSES": "names", "DEFECTS": "names", "LAYOUTS": "names",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-# kept in sync with promptmad.training.data.synth (not imported here: it pulls in numpy/PIL)
-_CLASSES = ("brick", "coffee", "coins", "grass", "gravel")
-_DEFECTS = ("scratch", "crack", "stain", "missing_piece", "color_spot")
+from promptmad.training.data.names import DEFAULT_CLASSES, DEFECTS, OBJECT_CLASSES, TEXTURE_CLASSES
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,9 +44,9 @@ def register_data(subparsers) -> None:
         help="generate the embedded default dataset (MVTec AD layout, no download)",
         description=(
             "Generate a small multi-class inspection dataset from photographs shipped with scikit-image: "
-            f"textures brick, grass, gravel and objects coffee, coins. Normal images are varied views "
-            f"(crop, shift, small rotation, lighting); defective test images carry one of {len(_DEFECTS)} defect "
-            f"kinds ({', '.join(_DEFECTS)}) with an exact pixel mask. Written in MVTec AD's layout: "
+            f"textures {', '.join(TEXTURE_CLASSES)} and objects {', '.join(OBJECT_CLASSES)}. Normal images are varied "
+            f"views (crop, shift, small rotation, lighting); defective test images carry one of {len(DEFECTS)} defect "
+            f"kinds ({', '.join(DEFECTS)}) with an exact pixel mask. Written in MVTec AD's layout: "
             "OUT/<class>/train/good, OUT/<class>/test/<good|defect>, OUT/<class>/ground_truth/<defect>/<name>_mask.png, "
             "plus OUT/dataset.json and OUT/README.txt. The same --seed gives byte-identical files; the defaults take "
             "a few seconds on 2 CPU cores. Re-running into the same OUT replaces the dataset written there before; "
@@ -58,8 +56,8 @@ def register_data(subparsers) -> None:
         formatter_class=_Formatter,
     )
     s.add_argument("--out", required=True, metavar="DIR", help="folder to write, e.g. data/synth (created if missing)")
-    s.add_argument("--classes", nargs="+", choices=_CLASSES, metavar="CLASS",
-                   help=f"generate only these classes, from: {' '.join(_CLASSES)} (default: all)")
+    s.add_argument("--classes", nargs="+", choices=DEFAULT_CLASSES, metavar="CLASS",
+                   help=f"generate only these classes, from: {' '.join(DEFAULT_CLASSES)} (default: all)")
     s.add_argument("--n-train", type=_positive, default=60, metavar="N", help="normal training images per class")
     s.add_argument("--n-test-good", type=_positive, default=15, metavar="N", help="normal test images per class")
     s.add_argument("--n-test-defect", type=_positive, default=25, metavar="N",

@@ -32,12 +32,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from promptmad.contract import IMAGE_SUFFIXES
 from promptmad.errors import DatasetError
+from promptmad.training.data.names import LAYOUT_CHOICES, LAYOUTS
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-LAYOUTS = ("mvtec", "visa", "folder")
 _LAYOUT_HELP = (
     "expected one of: MVTec AD (<class>/train/good, <class>/test/<defect>, <class>/ground_truth/<defect>), "
     "VisA (split_csv/1cls.csv) or folders (<class>/good, <class>/bad, optional <class>/masks)"
@@ -164,7 +164,7 @@ def detect_layout(root: str | Path) -> str:
 
 
 def _resolve_layout(root: Path, layout: str) -> str:
-    if layout not in ("auto", *LAYOUTS):
+    if layout not in LAYOUT_CHOICES:
         raise DatasetError(f"layout {layout!r}: expected auto, {', '.join(LAYOUTS)}")
     _check_root(root)
     return detect_layout(root) if layout == "auto" else layout
@@ -406,7 +406,12 @@ class TrainDataset:
         self._calls += 1
         info = torch.utils.data.get_worker_info()
         worker_seed = info.seed if info is not None else torch.initial_seed()
-        rng = np.random.default_rng([self.seed, worker_seed % (2**63), self._calls, idx])
+        return self.item(idx, np.random.default_rng([self.seed, worker_seed % (2**63), self._calls, idx]))
+
+    def item(self, idx: int, rng: np.random.Generator) -> dict:
+        """Sample `idx` with its jitter and anomaly drawn from `rng` (and from nothing else)."""
+        import torch
+
         img = self._jitter(self.frames[idx], rng)
         if rng.random() < self.anomaly_prob:
             aug, mask = self.synth(img, rng)
@@ -418,6 +423,23 @@ class TrainDataset:
             "aug_mask": torch.from_numpy(np.asarray(mask, dtype=np.float32)),
             "class_id": torch.tensor(self.class_ids[idx], dtype=torch.int64),
         }
+
+
+class RunPositions:
+    """The items of a training run by position: position p is sample `order[p]` of `dataset`, its
+    randomness drawn from (seed, p) alone. A run resumed at step k reads positions k*B onwards and
+    gets exactly the batches an uninterrupted run gets there, with any number of loader workers."""
+
+    def __init__(self, dataset: TrainDataset, order: Sequence[int], seed: Sequence[int]):
+        self.dataset = dataset
+        self.order = list(order)
+        self.seed = list(seed)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int) -> dict:
+        return self.dataset.item(self.order[position], np.random.default_rng([*self.seed, position]))
 
 
 class TestDataset:

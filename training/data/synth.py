@@ -32,14 +32,12 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from promptmad.training.data.names import DEFAULT_CLASSES, DEFECTS, OBJECT_CLASSES, TEXTURE_CLASSES
+
 log = logging.getLogger(__name__)
 
 GENERATOR = "promptmad data synth"
 FORMAT_VERSION = 2
-TEXTURE_CLASSES = ("brick", "grass", "gravel")
-OBJECT_CLASSES = ("coffee", "coins")
-DEFAULT_CLASSES = ("brick", "coffee", "coins", "grass", "gravel")
-DEFECTS = ("scratch", "crack", "stain", "missing_piece", "color_spot")
 DEFECT_DESCRIPTIONS = {
     "scratch": "thin bright or dark curved line",
     "crack": "dark branching polyline",
