@@ -6,11 +6,13 @@ Layout of a run:
     RUN/prompt_images/<cls>.png  the one normal image per class used as visual prompt
     RUN/trainer_state.pt         optimizer + step for --resume (tensors only; weights_only load)
 Every file is written to a temporary name and renamed, so a crash never leaves a half checkpoint.
+`load_state_file` is the one reader of foreign weight files (backbone, CLIP) as well.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -25,6 +27,8 @@ from promptmad.training.config import ModelConfig
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.pt"
+PROMPT_IMAGES = "prompt_images"
 
 
 @dataclass
@@ -100,6 +104,57 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def load_state_file(path: str | Path, *, flag: str, hint: str) -> dict:
+    """A state dict from a local .safetensors or torch file (`{"state_dict": ...}` unwrapped, DDP's
+    "module." prefixes removed). `flag` names the setting that gave the path, `hint` the fix, in the
+    CheckpointError raised for a missing or unreadable file."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path}: no such file ({hint})")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+    except (SafetensorError, OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{flag} {path}: unreadable weights file ({exc}); {hint}") from exc
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def save_trainer_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """RUN/trainer_state.pt: what --resume needs besides the weights (optimizer, scheduler, step...)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write_bytes(Path(run_dir) / TRAINER_STATE, buf.getvalue())
+
+
+def load_trainer_state(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer state of a run that has weights too; None when there is nothing to resume."""
+    import torch
+
+    run_dir = Path(run_dir)
+    if not (run_dir / TRAINER_STATE).is_file() or not (run_dir / WEIGHTS).is_file():
+        return None
+    return torch.load(run_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def save_prompt_images(run_dir: Path, images: dict[str, Any]) -> None:
+    """RUN/prompt_images/<class>.png: the normal image (uint8 HxWx3) each class is prompted with."""
+    from PIL import Image
+
+    for name, frame in images.items():
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="PNG")
+        _atomic_write_bytes(Path(run_dir) / PROMPT_IMAGES / f"{name}.png", buf.getvalue())
+
+
 def save_run(run_dir: Path, model, info: RunInfo) -> None:
     from safetensors.torch import save
 
@@ -143,21 +198,22 @@ def read_run_info(run_dir: Path) -> RunInfo:
     )
 
 
-def load_model(run_dir: Path | str, *, device: str = "cpu"):
-    """Returns (model in eval mode, RunInfo). Refuses a checkpoint whose tensors do not fit the
-    architecture in its config (e.g. weights copied from another run)."""
+def load_weights(run_dir: Path | str, model) -> None:
+    """Loads RUN/model.safetensors into `model`. Refuses tensors that do not fit its architecture
+    (e.g. weights copied from another run); drops the keys older versions wrote and this one no
+    longer has (see `model.legacy_keys`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from promptmad.training.model import build_model
+    from promptmad.training.model import legacy_keys
 
-    run_dir = Path(run_dir)
-    info = read_run_info(run_dir)
-    model = build_model(info.arch, len(info.classes), pretrained_backbone=False)
+    path = Path(run_dir) / WEIGHTS
     try:
-        state = load_file(str(run_dir / WEIGHTS), device="cpu")
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{run_dir / WEIGHTS}: unreadable safetensors file ({exc})") from exc
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    for key in legacy_keys(model, state):
+        del state[key]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -168,8 +224,17 @@ def load_model(run_dir: Path | str, *, device: str = "cpu"):
             k = wrong[0]
             detail += f" shape of {k}: checkpoint {tuple(state[k].shape)} vs architecture {tuple(expected[k].shape)}"
         raise CheckpointError(
-            f"{run_dir / WEIGHTS} does not match architecture {info.arch.name!r} in {run_dir / CONFIG} ({detail.strip()}); "
+            f"{path} does not match architecture {model.cfg.name!r} in {Path(run_dir) / CONFIG} ({detail.strip()}); "
             "the weights come from another architecture: use that run's config.json or re-train"
         )
     model.load_state_dict(state)
+
+
+def load_model(run_dir: Path | str, *, device: str = "cpu"):
+    """Returns (model in eval mode, RunInfo) of a run directory."""
+    from promptmad.training.model import build_model
+
+    info = read_run_info(Path(run_dir))
+    model = build_model(info.arch, len(info.classes), pretrained_backbone=False)
+    load_weights(run_dir, model)
     return model.to(device).eval(), info

@@ -4,69 +4,84 @@ from __future__ import annotations
 
 import argparse
 
+from promptmad.training.data.names import LAYOUT_CHOICES
+from promptmad.training.names import DEFAULT_STEPS, LOSSES, VARIANTS
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, data_help: str) -> None:
+    """--data, --classes, --layout: how `train` and `evaluate` name the images they read."""
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--classes", nargs="+", help="use these classes only (default: all in DATA)")
+    p.add_argument("--layout", default="auto", choices=LAYOUT_CHOICES, help="dataset layout")
+
+
+def _command(subparsers, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """One sub-command, showing the defaults in its --help."""
+    return subparsers.add_parser(name, help=summary, description=description,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
 
 def register(subparsers) -> None:
     from promptmad.training.data.cli import register_data
 
     register_data(subparsers)
+    _register_train(subparsers)
+    _register_evaluate(subparsers)
+    _register_ablation(subparsers)
 
-    p = subparsers.add_parser(
-        "train",
-        help="train one PromptMAD model for all product classes of a dataset",
-        description=(
+
+def _register_train(subparsers) -> None:
+    p = _command(
+        subparsers, "train", "train one PromptMAD model for all product classes of a dataset",
+        (
             "Train one multi-class PromptMAD model. DATA is a dataset folder in MVTec AD, VisA (split_csv) "
             "or generic folder layout; only normal ('good') training images are used, anomalies are "
             "synthesised. Writes RUN/model.safetensors + RUN/config.json (architecture, classes, prompts, "
             "per-class thresholds). Re-running with the same --out resumes from the last checkpoint. "
             "Multi-GPU: torchrun --nproc-per-node N -m promptmad.cli train ..."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="dataset folder (e.g. data/synth from `promptmad data synth`)")
+    _add_data_arguments(p, "dataset folder (e.g. data/synth from `promptmad data synth`)")
     p.add_argument("--out", required=True, help="run directory to write (checkpoints, config, logs)")
     p.add_argument("--arch", default="default", help="architecture: default (EfficientNet-Lite0), lite2, tiny, or a JSON file")
-    p.add_argument("--classes", nargs="+", help="train on these classes only (default: all in DATA)")
-    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "visa", "folder"], help="dataset layout")
-    p.add_argument("--steps", type=int, default=600, help="optimisation steps")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimisation steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
     p.add_argument("--clip-weights", help="local open_clip checkpoint for the text prompts (without it: random init, with a warning)")
-    p.add_argument("--loss", default="focal", choices=["focal", "bce"], help="segmentation loss (bce = ablation)")
+    p.add_argument("--loss", default=LOSSES[0], choices=LOSSES, help="segmentation loss (bce = ablation)")
     p.add_argument("--no-text-prompts", action="store_true", help="ablation: disable the CLIP text prompts")
     p.add_argument("--diffusion-steps", type=int, help="override the architecture's diffusion steps (0 = no refinement)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.set_defaults(func=_train)
 
-    e = subparsers.add_parser(
-        "evaluate",
-        help="per-class I-AUROC, I-AP, P-AUROC, P-AP, AUPRO of a trained run",
-        description="Evaluate a run on the test split of DATA; prints the metrics table and writes metrics.csv/json/md and overlay PNGs (image, mask, heat map).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+def _register_evaluate(subparsers) -> None:
+    e = _command(
+        subparsers, "evaluate", "per-class I-AUROC, I-AP, P-AUROC, P-AP, AUPRO of a trained run",
+        "Evaluate a run on the test split of DATA; prints the metrics table and writes metrics.csv/json/md and "
+        "overlay PNGs (image, mask, heat map).",
     )
     e.add_argument("--ckpt", required=True, help="run directory written by `promptmad train`")
-    e.add_argument("--data", required=True, help="dataset folder with a test split")
+    _add_data_arguments(e, "dataset folder with a test split")
     e.add_argument("--out", help="where to write metrics and overlays (default: RUN/eval)")
-    e.add_argument("--classes", nargs="+")
-    e.add_argument("--layout", default="auto", choices=["auto", "mvtec", "visa", "folder"])
     e.add_argument("--overlays", type=int, default=4, help="overlay PNGs per class")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=_evaluate)
 
-    a = subparsers.add_parser(
-        "ablation",
-        help="train + evaluate the ablations (text prompts off, 0 diffusion steps, BCE instead of Focal)",
-        description="Trains the full model and each ablation with the same data, seed and steps, then prints one table of mean metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+def _register_ablation(subparsers) -> None:
+    a = _command(
+        subparsers, "ablation", "train + evaluate the ablations (text prompts off, 0 diffusion steps, BCE instead of Focal)",
+        "Trains the full model and each ablation with the same data, seed and steps, then prints one table of mean metrics.",
     )
     a.add_argument("--data", required=True)
     a.add_argument("--out", required=True, help="folder for one run per variant + ablation.md")
     a.add_argument("--arch", default="default")
-    a.add_argument("--steps", type=int, default=600)
-    a.add_argument("--variants", nargs="+", default=["full", "no-text", "no-diffusion", "bce"],
-                   choices=["full", "no-text", "no-diffusion", "bce"])
+    a.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     a.set_defaults(func=_ablation)
 
 

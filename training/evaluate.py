@@ -30,6 +30,47 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 @torch.no_grad()
+def _predict(model, dataset, class_names: Sequence[str], batch_size: int, device: str) -> dict[str, np.ndarray]:
+    """Every test frame's ground truth and prediction, as arrays in dataset order."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    cols: dict[str, list] = {k: [] for k in ("label", "score", "mask", "map", "class", "image", "path")}
+    for batch in tqdm(loader, desc="evaluate", dynamic_ncols=True):
+        pred = model.predict(batch["image"].to(device), batch["class_id"].to(device))
+        cols["label"].append(batch["label"].numpy())
+        cols["score"].append(pred["anomaly_score"][:, 0].cpu().numpy())
+        cols["map"].append(pred["anomaly_map"].cpu().numpy().astype(np.float32))
+        cols["mask"].append(batch["mask"].numpy().astype(np.uint8))
+        cols["class"].append(np.array([class_names[int(i)] for i in batch["class_id"]]))
+        cols["image"].append(batch["image"].numpy())
+        cols["path"].append(np.array(batch["path"]))
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _write(out: Path, rows: dict, pred: dict[str, np.ndarray], info, overlays_per_class: int, source: dict) -> None:
+    """metrics.csv/json/md, and per class its first anomalous then normal frames as overlays."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", *METRIC_NAMES])
+        for name, m in rows.items():
+            w.writerow([name, *(f"{m[k]:.6f}" for k in METRIC_NAMES)])
+    atomic_write_text(out / "metrics.json", json.dumps({**source, "metrics": rows}, indent=2))
+    atomic_write_text(out / "metrics.md", format_table(rows) + "\n")
+    for c in rows:
+        if c == "mean":
+            continue
+        of_class = pred["class"] == c
+        idx = np.concatenate([np.flatnonzero(of_class & (pred["label"] == 1)), np.flatnonzero(of_class & (pred["label"] == 0))])
+        for i in idx[:overlays_per_class]:
+            path = Path(pred["path"][i])
+            title = f"{c}: score {pred['score'][i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3g})"
+            save_overlay(out / "overlays" / f"{c}_{path.parent.name}_{path.stem}.png", pred["image"][i], pred["map"][i],
+                         mask=pred["mask"][i], title=title)
+    log.info("wrote %s/metrics.{csv,json,md} and overlays/", out)
+
+
 def evaluate(
     run_dir: str | Path,
     data: str | Path,
@@ -42,8 +83,6 @@ def evaluate(
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
     """Returns {class: {metric: value}, ..., "mean": {...}} and writes metrics.csv/json + overlays."""
-    from tqdm.auto import tqdm
-
     from promptmad.training.data.datasets import TestDataset, load_samples
 
     model, info = load_model(run_dir, device=device)
@@ -51,46 +90,13 @@ def evaluate(
     for c in wanted:
         info.class_id(c)  # UnknownClassError names the known classes
     samples = load_samples(data, split="test", classes=wanted, layout=layout)
-    class_to_id = {c: i for i, c in enumerate(info.classes)}
-    ds = TestDataset(samples, class_to_id, info.arch.image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-    labels, scores, masks, maps, cls, images, paths = [], [], [], [], [], [], []
-    for batch in tqdm(loader, desc="evaluate", dynamic_ncols=True):
-        pred = model.predict(batch["image"].to(device), batch["class_id"].to(device))
-        labels.append(batch["label"].numpy())
-        scores.append(pred["anomaly_score"][:, 0].cpu().numpy())
-        maps.append(pred["anomaly_map"].cpu().numpy().astype(np.float32))
-        masks.append(batch["mask"].numpy().astype(np.uint8))
-        cls.extend(info.classes[int(i)] for i in batch["class_id"])
-        images.append(batch["image"].numpy())
-        paths.extend(batch["path"])
-    labels, scores = np.concatenate(labels), np.concatenate(scores)
-    masks, maps, images = np.concatenate(masks), np.concatenate(maps), np.concatenate(images)
-    cls_arr = np.array(cls)
-
+    dataset = TestDataset(samples, {c: i for i, c in enumerate(info.classes)}, info.arch.image_size)
+    pred = _predict(model, dataset, info.classes, batch_size, device)
     rows: dict[str, dict[str, float]] = {}
     for c in wanted:
-        sel = cls_arr == c
-        rows[c] = compute_metrics(labels[sel], scores[sel], masks[sel], maps[sel])
+        sel = pred["class"] == c
+        rows[c] = compute_metrics(pred["label"][sel], pred["score"][sel], pred["mask"][sel], pred["map"][sel])
     rows["mean"] = {k: float(np.nanmean([rows[c][k] for c in wanted])) for k in METRIC_NAMES}
-
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["class", *METRIC_NAMES])
-            for name, m in rows.items():
-                w.writerow([name, *(f"{m[k]:.6f}" for k in METRIC_NAMES)])
-        atomic_write_text(out / "metrics.json", json.dumps({"run": str(run_dir), "data": str(data), "metrics": rows}, indent=2))
-        atomic_write_text(out / "metrics.md", format_table(rows) + "\n")
-        rng = np.random.default_rng(0)
-        for c in wanted:
-            idx = np.flatnonzero((cls_arr == c) & (labels == 1))
-            idx = np.concatenate([idx, np.flatnonzero((cls_arr == c) & (labels == 0))])
-            for i in idx[:overlays_per_class]:
-                save_overlay(out / "overlays" / f"{c}_{Path(paths[i]).parent.name}_{Path(paths[i]).stem}.png",
-                             images[i], maps[i], mask=masks[i], title=f"{c}: score {scores[i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3g})")
-        del rng
-        log.info("wrote %s/metrics.{csv,json,md} and overlays/", out)
+        _write(Path(out), rows, pred, info, overlays_per_class, {"run": str(run_dir), "data": str(data)})
     return rows

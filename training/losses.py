@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from promptmad.training.names import LOSSES
+
 
 def focal_loss(logits: Tensor, target: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Binary focal loss (Lin et al.): down-weights easy pixels so the rare, hard anomalous pixels
@@ -26,12 +28,12 @@ def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 
 def segmentation_loss(logits: Tensor, target: Tensor, kind: str = "focal") -> Tensor:
     """`kind`: "focal" (PromptMAD: Focal + Dice) or "bce" (ablation: BCE + Dice)."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss kind {kind!r}: expected one of {', '.join(LOSSES)}")
     if kind == "focal":
         main = focal_loss(logits, target) * 10.0  # focal is ~10x smaller than BCE in magnitude
-    elif kind == "bce":
-        main = F.binary_cross_entropy_with_logits(logits, target)
     else:
-        raise ValueError(f"loss kind {kind!r}: expected 'focal' or 'bce'")
+        main = F.binary_cross_entropy_with_logits(logits, target)
     return main + dice_loss(logits, target)
 
 

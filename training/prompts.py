@@ -91,7 +91,6 @@ def create_clip_text_model(clip_model: str, clip_weights: str | Path | None = No
     without `clip_weights` the text tower is randomly initialised, which keeps the pipeline
     runnable offline but makes the prompts carry class identity only, not CLIP semantics."""
     import open_clip
-    import torch
 
     from promptmad.training.config import clip_config_path
 
@@ -104,25 +103,7 @@ def create_clip_text_model(clip_model: str, clip_weights: str | Path | None = No
         raise ConfigError("clip_model", f"unknown open_clip architecture {clip_model!r}")
     model = open_clip.create_model(clip_model, pretrained=None)
     if clip_weights:
-        path = Path(clip_weights)
-        if not path.is_file():
-            from promptmad.errors import CheckpointError
-
-            raise CheckpointError(f"--clip-weights {path}: no such file; pass a local open_clip checkpoint (.safetensors or .pt)")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.startswith("visual.")]:
-            from promptmad.errors import CheckpointError
-
-            raise CheckpointError(f"--clip-weights {path}: not a {clip_model} checkpoint (missing text weights such as {missing[0]})")
-        log.info("loaded CLIP weights from %s", path)
+        _load_clip_weights(model, clip_model, Path(clip_weights))
     else:
         log.warning(
             "\n" + "!" * 78 + "\n!! No --clip-weights given: the %s text tower is RANDOMLY INITIALISED.\n"
@@ -133,6 +114,19 @@ def create_clip_text_model(clip_model: str, clip_weights: str | Path | None = No
     model.eval()
     tokenizer = open_clip.get_tokenizer(clip_model)
     return model, tokenizer
+
+
+def _load_clip_weights(model, clip_model: str, path: Path) -> None:
+    """Local open_clip weights into `model`; only the text tower must be complete."""
+    from promptmad.errors import CheckpointError
+    from promptmad.training.checkpoint import load_state_file
+
+    state = load_state_file(path, flag="--clip-weights", hint="pass a local open_clip checkpoint (.safetensors or .pt)")
+    missing, _ = model.load_state_dict(state, strict=False)
+    text_missing = [k for k in missing if not k.startswith("visual.")]
+    if text_missing:
+        raise CheckpointError(f"--clip-weights {path}: not a {clip_model} checkpoint (missing text weights such as {text_missing[0]})")
+    log.info("loaded CLIP weights from %s", path)
 
 
 def build_text_table(
