@@ -1,5 +1,5 @@
-"""Training end to end on the tiny architecture: run directory, resume, CLI errors, and
-DistributedDataParallel with 2 CPU processes on gloo (torchrun)."""
+"""Training end to end on the tiny architecture: run directory, exact resume, learning, CLI errors,
+and DistributedDataParallel with 2 CPU processes on gloo (torchrun), with and without diffusion."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from promptmad.errors import DatasetError
 from promptmad.training.checkpoint import load_model
+from promptmad.training.objective import TrainStep
 from promptmad.training.train import TrainConfig, train
 from tests.conftest import TINY_CLASSES
 
@@ -32,14 +34,57 @@ def test_run_directory_contents(tiny_run):
     assert model.text_table.shape == (3, 2, 32) and float(model.text_table.norm(dim=-1).mean()) == pytest.approx(1, abs=1e-4)
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_dataset, tmp_path):
-    out = tmp_path / "run"
-    train(TrainConfig(data=str(tiny_dataset), out=str(out), arch="tiny", steps=2, batch_size=2, num_workers=0))
-    train(TrainConfig(data=str(tiny_dataset), out=str(out), arch="tiny", steps=4, batch_size=2, num_workers=0))
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["training"]["steps_done"] == 4
-    log = json.loads((out / "train_log.json").read_text())
-    assert log["steps"] == 4
+def test_resume_continues_exactly_where_the_run_stopped(tiny_dataset, tmp_path, monkeypatch):
+    """A 4-step run killed during step 3 (checkpoint at step 2) and resumed computes only steps 3-4
+    and ends exactly where an uninterrupted 4-step run ends: same loss at every step, same weights,
+    same optimizer state. A restart from scratch, or a resume that lost the weights, the optimizer,
+    the LR schedule or the random streams, fails one of these."""
+    from safetensors.torch import load_file
+
+    cfg = dict(data=str(tiny_dataset), arch="tiny", steps=4, batch_size=2, num_workers=0, save_every=2, seed=0)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(TrainConfig(out=str(whole), **cfg))
+    calls, real_forward = [], TrainStep.forward
+
+    def forward(self, *args):
+        calls.append(1)
+        if kill_at and len(calls) == kill_at:
+            raise KeyboardInterrupt("killed")
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(TrainStep, "forward", forward)
+    kill_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(killed), **cfg))
+    calls.clear()
+    kill_at = 0
+    train(TrainConfig(out=str(killed), **cfg))
+    assert len(calls) == 2, "the resumed run computes steps 3 and 4 only"
+
+    log_whole, log_killed = (json.loads((d / "train_log.json").read_text()) for d in (whole, killed))
+    assert log_killed["resumed_from"] == 2 and log_whole["resumed_from"] == 0
+    assert len(log_killed["loss"]) == 4 and log_killed["loss"] == pytest.approx(log_whole["loss"], rel=1e-5)
+    w_whole, w_killed = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert all(torch.allclose(w_whole[k], w_killed[k], atol=1e-6) for k in w_whole)
+    s_whole, s_killed = (torch.load(d / "trainer_state.pt", weights_only=True) for d in (whole, killed))
+    assert s_whole["step"] == s_killed["step"] == 4
+    assert [int(v["step"]) for v in s_killed["optimizer"]["state"].values()] == [4] * len(s_killed["optimizer"]["state"])
+    assert json.loads((killed / "config.json").read_text())["training"]["steps_done"] == 4
+
+
+def test_training_learns(tiny_dataset, tmp_path):
+    """A short run on the tiny model lowers the loss and raises the pixel AUROC of the test split
+    above the untrained start (a run with learning rate 0 keeps the initial weights). Without
+    diffusion steps the map is the coarse head's, which learns fastest: 40 steps suffice."""
+    from promptmad.training.evaluate import evaluate
+
+    cfg = dict(data=str(tiny_dataset), arch="tiny", batch_size=8, num_workers=0, seed=0, diffusion_steps=0)
+    train(TrainConfig(out=str(tmp_path / "start"), steps=1, lr=0.0, **cfg))
+    train(TrainConfig(out=str(tmp_path / "trained"), steps=40, lr=2e-3, **cfg))
+    loss = json.loads((tmp_path / "trained" / "train_log.json").read_text())["loss"]
+    assert sum(loss[-5:]) < 0.8 * sum(loss[:5]), loss
+    auroc = {name: evaluate(tmp_path / name, tiny_dataset, overlays_per_class=0)["mean"]["P-AUROC"] for name in ("start", "trained")}
+    assert auroc["trained"] > auroc["start"] + 0.1, auroc
 
 
 def test_train_cli_errors_name_the_problem(tiny_dataset, tmp_path):
@@ -75,13 +120,17 @@ def test_evaluate_writes_metrics_and_overlays(tiny_run, tiny_dataset, tmp_path):
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == len(TINY_CLASSES)
 
 
-def test_distributed_data_parallel_two_cpu_processes(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("diffusion", [[], ["--diffusion-steps", "0"]], ids=["diffusion", "no-diffusion"])
+def test_distributed_data_parallel_two_cpu_processes(tiny_dataset, tmp_path, diffusion):
+    """Every trainable parameter gets a gradient, or DDP fails at the second step: with
+    --diffusion-steps 0 the denoiser must not exist."""
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "promptmad.cli", "train", "--data", str(tiny_dataset),
-         "--out", str(out), "--arch", "tiny", "--steps", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu"],
+         "--out", str(out), "--arch", "tiny", "--steps", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+         *diffusion],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
