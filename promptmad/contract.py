@@ -46,6 +46,9 @@ DEFAULT_RUNTIME = "python-ort"
 RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
 ADMIN_KEY_HEADER = "promptmad-admin-key"
 ADMIN_KEY_ENV = "PROMPTMAD_ADMIN_KEY"
+# Triton's gRPC frontend expects a restricted protocol's header with this prefix (HTTP: the name as is).
+GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+GRPC_ADMIN_KEY_HEADER = GRPC_RESTRICTED_HEADER_PREFIX + ADMIN_KEY_HEADER
 
 _NUMPY = {"UINT8": np.uint8, "INT32": np.int32, "FP32": np.float32, "BYTES": np.object_}
 
