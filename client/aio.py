@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Iterable
 from promptmad.client.core import CALL_ERRORS, AnomalyResult, ClientConfig, ClientCore, advance, error_result, frame_item
 from promptmad.client.errors import ClientError
 from promptmad.client.frames import Frame
+from promptmad.client.window import Source
 
 
 class AsyncAnomalyClient(ClientCore):
@@ -67,7 +68,7 @@ class AsyncAnomalyClient(ClientCore):
         arr = self._prepare(frame)
         t0 = time.perf_counter()
         res = await self._infer([arr], cid)
-        return self._decode(res, [frame_id], name, thr, time.perf_counter() - t0)[0]
+        return self._decode_one(res, frame_id, name, thr, time.perf_counter() - t0)
 
     async def score_batch(self, frames: Iterable[Frame], class_name: str | int) -> list[AnomalyResult]:
         """As AnomalyClient.score_batch: same-size frames batched up to the server's max_batch_size,
@@ -85,8 +86,9 @@ class AsyncAnomalyClient(ClientCore):
 
     async def stream(self, frames: Iterable[Frame], class_name: str | int, *,
                      max_in_flight: int | None = None) -> AsyncIterator[AnomalyResult]:
-        """Bounded concurrency, results in input order, one result (or error result) per frame."""
-        window = max_in_flight or self.config.max_in_flight
+        """Bounded concurrency, results in input order, one result (or error result) per frame. If
+        `frames` raises, the frames already taken get their results, then the exception propagates."""
+        window = self.config.stream_window(max_in_flight)
         _, name, thr = self._target(class_name)
         tasks: list[asyncio.Task] = []
 
@@ -97,9 +99,11 @@ class AsyncAnomalyClient(ClientCore):
             except ClientError as exc:
                 return error_result(fid, name, thr, exc)
 
-        for seq, item in enumerate(frames):
+        source = Source(enumerate(frames))
+        for seq, item in source:
             tasks.append(asyncio.create_task(one(seq, item)))
             if len(tasks) >= window:
                 yield await tasks.pop(0)
         for t in tasks:
             yield await t
+        source.reraise()

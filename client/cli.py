@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         description=(
             "Stream frames to a promptmad Triton server over gRPC (ordered, bounded in-flight window, "
             "reconnects if the server restarts) and write OUT/scores.csv (frame_id, score, verdict, "
-            "threshold, latency_ms, error) plus overlay PNGs of the anomalous frames. SOURCE is a "
+            "threshold, latency_ms, error; verdict is pass, fail or error, and a frame that could not be "
+            "judged, e.g. a non-finite score, is an error, never a pass) plus overlay PNGs of the failed frames. SOURCE is a "
             "folder of images (searched recursively), a text file listing image paths, or a video."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -55,21 +56,21 @@ def _score(args) -> int:
         for r in tqdm(client.stream(frames, args.class_name, max_in_flight=args.max_in_flight), total=len(frames),
                       desc=f"score {args.class_name}", dynamic_ncols=True):
             n += 1
-            if r.error is not None:
+            latency = f"{1000 * r.latency_s:.1f}"
+            if r.verdict == "error":  # the result's own verdict: an unjudged frame is never written as a pass
                 n_err += 1
-                writer.writerow([r.frame_id, "", "error", f"{r.threshold:.6f}", f"{1000 * r.latency_s:.1f}", str(r.error)])
+                writer.writerow([r.frame_id, "", r.verdict, f"{r.threshold:.6f}", latency, str(r.error or "score not finite")])
                 continue
             latencies.append(r.latency_s)
-            verdict = "anomalous" if r.is_anomalous else "normal"
-            writer.writerow([r.frame_id, f"{r.score:.6f}", verdict, f"{r.threshold:.6f}", f"{1000 * r.latency_s:.1f}", ""])
-            if r.is_anomalous:
+            writer.writerow([r.frame_id, f"{r.score:.6f}", r.verdict, f"{r.threshold:.6f}", latency, ""])
+            if r.verdict == "fail":
                 n_bad += 1
                 if n_overlay < args.overlays:
                     _overlay(out / "overlays" / (str(r.frame_id).replace("/", "_").rsplit(".", 1)[0] + ".png"),
                              originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > threshold {r.threshold:.3g}")
                     n_overlay += 1
     p50 = 1000 * float(np.median(latencies)) if latencies else float("nan")
-    print(f"{n} frames: {n_bad} anomalous, {n - n_bad - n_err} normal, {n_err} errors; median latency {p50:.0f} ms\n"
+    print(f"{n} frames: {n_bad} fail, {n - n_bad - n_err} pass, {n_err} errors; median latency {p50:.0f} ms\n"
           f"written: {out / 'scores.csv'}" + (f", {n_overlay} overlays in {out / 'overlays'}" if n_overlay else ""))
     return 0 if n_err == 0 else 1
 

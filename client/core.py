@@ -6,16 +6,18 @@ connect sequence, metadata checks and result decoding. Nothing here does I/O: `s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
 from typing import Any, Generator, Sequence
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from promptmad import contract
-from promptmad.client.errors import ClientError, ModelMismatch, ModelNotReady, ServerUnavailable, UnknownClass, from_triton
+from promptmad.client.errors import (ClientConfigError, ClientError, InferenceFailed, ModelMismatch, ModelNotReady,
+                                     ServerUnavailable, UnknownClass, from_triton)
 from promptmad.client.frames import to_rgb_array
-from promptmad.errors import ConfigError
 
 # What a Triton client call raises when it fails: server errors, and (HTTP) socket errors.
 CALL_ERRORS = (InferenceServerException, OSError)
@@ -35,9 +37,31 @@ ENCODED_SUFFIX = contract.ENCODED_SUFFIX
 Encoded = bytes  # a PNG/JPEG frame, sent as is to the encoded ensemble
 
 
+def check_window(value, name: str = "max_in_flight") -> int:
+    """A window size: an integer >= 1 (0 or a negative would stall or spin the stream)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ClientConfigError(name, f"{value!r}: must be an integer >= 1 (frames in flight at once)")
+    return int(value)
+
+
+def check_seconds(value, name: str, *, zero_ok: bool = False) -> float:
+    """A duration in seconds: finite and > 0 (>= 0 where `zero_ok`)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero_ok):
+        raise ClientConfigError(name, f"{value!r}: must be a finite number of seconds {'>= 0' if zero_ok else '> 0'}")
+    return float(value)
+
+
+def env_admin_key() -> str | None:
+    return os.environ.get(contract.ADMIN_KEY_ENV) or None
+
+
 @dataclass(frozen=True)
 class ClientConfig:
-    """Connection settings, validated on construction (messages name the field)."""
+    """Connection settings, validated on construction (messages name the field). `admin_key`
+    (default: the environment variable contract.ADMIN_KEY_ENV) unlocks the server's restricted
+    APIs (shared memory); it is sent only as the contract.ADMIN_KEY_HEADER header of those calls
+    and never shown in repr or error messages."""
 
     url: str = "127.0.0.1:8001"
     protocol: str = "grpc"
@@ -52,22 +76,44 @@ class ClientConfig:
     root_certificates: str | None = None
     private_key: str | None = None
     certificate_chain: str | None = None
+    admin_key: str | None = field(default_factory=env_admin_key, repr=False)
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
-            raise ConfigError("protocol", f"{self.protocol!r}: use 'grpc' or 'http'")
+            raise ClientConfigError("protocol", f"{self.protocol!r}: use 'grpc' or 'http'")
         if ":" not in self.url or "/" in self.url:
-            raise ConfigError("url", f"{self.url!r}: use host:port, e.g. 127.0.0.1:8001 (gRPC) or 127.0.0.1:8000 (HTTP)")
-        if self.timeout_s <= 0:
-            raise ConfigError("timeout_s", f"{self.timeout_s}: must be > 0 seconds")
-        if self.max_in_flight < 1:
-            raise ConfigError("max_in_flight", f"{self.max_in_flight}: must be >= 1")
-        if self.max_retries < 0:
-            raise ConfigError("max_retries", f"{self.max_retries}: must be >= 0")
+            raise ClientConfigError("url", f"{self.url!r}: use host:port, e.g. 127.0.0.1:8001 (gRPC) or 127.0.0.1:8000 (HTTP)")
+        check_seconds(self.timeout_s, "timeout_s")
+        check_seconds(self.reconnect_timeout_s, "reconnect_timeout_s", zero_ok=True)
+        check_window(self.max_in_flight)
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ClientConfigError("max_retries", f"{self.max_retries!r}: must be an integer >= 0")
         if self.channel_order not in ("rgb", "bgr"):
-            raise ConfigError("channel_order", f"{self.channel_order!r}: use 'rgb' or 'bgr'")
+            raise ClientConfigError("channel_order", f"{self.channel_order!r}: use 'rgb' or 'bgr'")
         if self.ssl and self.protocol != "grpc":
-            raise ConfigError("ssl", "the ssl options are for gRPC; for HTTPS put a TLS proxy in front and use its URL")
+            raise ClientConfigError("ssl", "the ssl options are for gRPC; for HTTPS put a TLS proxy in front and use its URL")
+        self._check_admin_key()
+
+    def _check_admin_key(self) -> None:
+        if self.admin_key is not None and (not isinstance(self.admin_key, str) or not self.admin_key):
+            raise ClientConfigError("admin_key", "must be a non-empty string (the value is not shown)")
+        if self.use_shared_memory and not self.admin_key:
+            raise ClientConfigError("admin_key", "use_shared_memory=True needs the server's admin key: pass admin_key=... or "
+                                    f"set {contract.ADMIN_KEY_ENV}; `promptmad serve` writes the key to a file readable only "
+                                    "by its user (mode 0600) and prints that file's path")
+
+    def admin_headers(self) -> dict[str, str]:
+        """The header of calls to the server's restricted APIs (empty without a key); gRPC's
+        frontend wants Triton's prefix on it."""
+        name = contract.GRPC_ADMIN_KEY_HEADER if self.protocol == "grpc" else contract.ADMIN_KEY_HEADER
+        return {name: self.admin_key} if self.admin_key else {}
+
+    def stream_window(self, max_in_flight: int | None) -> int:
+        """A stream's window: the config's when None, else checked (0 and negatives are errors, not defaults)."""
+        return self.max_in_flight if max_in_flight is None else check_window(max_in_flight)
+
+    def stream_timeout(self, timeout_s: float | None) -> float:
+        return self.timeout_s if timeout_s is None else check_seconds(timeout_s, "timeout_s")
 
     def grpc_kwargs(self) -> dict:
         """Arguments of tritonclient's gRPC clients (sync and asyncio) for this config."""
@@ -75,9 +121,14 @@ class ClientConfig:
                 "certificate_chain": self.certificate_chain}
 
 
+VERDICTS = ("pass", "fail", "error")
+
+
 @dataclass(frozen=True)
 class AnomalyResult:
-    """One frame's answer. `error` is set (and score is NaN) when the frame could not be scored."""
+    """One frame's answer, fail closed. `verdict` is "pass" (finite score <= threshold), "fail"
+    (score > threshold) or "error": `error` is set or the score is not finite, and then
+    `is_anomalous` is True too, so code that filters on it never passes a part nobody judged."""
 
     frame_id: Any
     class_name: str
@@ -88,13 +139,23 @@ class AnomalyResult:
     latency_s: float
     error: Exception | None = None
 
+    def __post_init__(self) -> None:
+        if self.verdict == "error":
+            object.__setattr__(self, "is_anomalous", True)  # frozen: the one place this field is forced
+
+    @property
+    def verdict(self) -> str:
+        if self.error is not None or not math.isfinite(self.score):
+            return "error"
+        return "fail" if self.is_anomalous else "pass"
+
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.verdict != "error"
 
 
 def error_result(frame_id, class_name: str, threshold: float, exc: Exception, latency: float = 0.0) -> AnomalyResult:
-    return AnomalyResult(frame_id, class_name, float("nan"), None, False, threshold, latency, exc)
+    return AnomalyResult(frame_id, class_name, float("nan"), None, True, threshold, latency, exc)
 
 
 def frame_item(seq: int, item) -> tuple[Any, Any]:
@@ -216,10 +277,27 @@ class ClientCore:
         return to_rgb_array(frame, channel_order=self.config.channel_order)
 
     def _decode(self, res, frame_ids, class_name: str, thr: float, latency: float) -> list[AnomalyResult]:
+        """One result per frame; a score or map that is not finite is an error result, never a pass."""
         score_name, map_name = OUTPUT_NAMES
         scores = res.as_numpy(score_name).reshape(-1)
         maps = res.as_numpy(map_name)
-        return [AnomalyResult(fid, class_name, float(s), m, bool(s > thr), thr, latency) for fid, s, m in zip(frame_ids, scores, maps)]
+        results = []
+        for fid, s, m in zip(frame_ids, scores, maps):
+            bad = score_name if not math.isfinite(float(s)) else map_name if not np.isfinite(m).all() else None
+            if bad is None:
+                results.append(AnomalyResult(fid, class_name, float(s), m, bool(s > thr), thr, latency))
+                continue
+            exc = InferenceFailed(f"frame {fid!r}: {bad} is not finite ({score_name}={float(s)}): the part cannot be "
+                                  "judged; a step of the model produced NaN/Inf", url=self.url, model=self.model)
+            results.append(error_result(fid, class_name, thr, exc, latency))
+        return results
+
+    def _decode_one(self, res, frame_id, class_name: str, thr: float, latency: float) -> AnomalyResult:
+        """`score`'s result: raises its error (InferenceFailed for a non-finite score) instead of returning it."""
+        result = self._decode(res, [frame_id], class_name, thr, latency)[0]
+        if result.error is not None:
+            raise result.error
+        return result
 
     def _build_request(self, tc, batch: Sequence, cid: int, *, attach=None) -> tuple[str, list, list]:
         """(model, inputs, requested outputs) of one request for a batch of prepared frames, as

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from promptmad.errors import ConfigError
+
 
 class ClientError(Exception):
     """Base class of every error the promptmad client raises."""
@@ -12,8 +14,18 @@ class ClientError(Exception):
         super().__init__(f"{message}" + (f" [{where}]" if where else ""))
 
 
+class ClientConfigError(ClientError, ConfigError):
+    """A client setting or stream argument has a bad value; the message names the field. A
+    ClientError like every SDK error, and a promptmad ConfigError (ValueError) like every config error."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.url, self.model = field, None, None
+        Exception.__init__(self, f"{field}: {message}")  # both bases format the message; do it once
+
+
 class ServerUnavailable(ClientError):
-    """The server cannot be reached or is not live/ready."""
+    """The server cannot be reached, is not live/ready, or a step's process died (it answers every
+    request with "Stub process ... is not healthy" until restarted): reconnect, resend."""
 
 
 class ModelNotReady(ClientError):
@@ -48,6 +60,8 @@ def from_triton(exc: Exception, *, url: str, model: str) -> ClientError:
     msg = str(getattr(exc, "message", lambda: None)() or exc)
     low = msg.lower()
     status = str(getattr(exc, "status", lambda: "")() or "")
+    if "stub process" in low and "not healthy" in low:  # a dead step: the server is down for this model
+        return ServerUnavailable(f"a server step is down: {msg}", url=url, model=model)
     if "deadline" in low or "timed out" in low or "timeout" in low:
         return RequestTimeout(f"no answer in time: {msg}", url=url, model=model)
     if any(s in low for s in ("failed to connect", "connection refused", "unavailable", "connect failed", "socket closed",

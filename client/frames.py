@@ -1,5 +1,6 @@
 """Frame normalisation: numpy arrays (RGB or BGR), PIL images, file paths and encoded bytes become
-a contiguous uint8 HxWx3 RGB array, or stay bytes for the encoded-bytes ensemble."""
+a contiguous uint8 HxWx3 RGB array, or stay bytes for the encoded-bytes ensemble. Pixels are never
+clipped: 16-bit images are scaled to 8 bits (>> 8), 32-bit integer and float images refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from typing import Any, Union
 import numpy as np
 
 from promptmad.client.errors import InvalidInput
-from promptmad.contract import MAX_PIXELS_PER_FRAME
+from promptmad.contract import ENCODED_FORMATS, MAX_PIXELS_PER_FRAME
+
+# How an encoded file starts, for the formats the server's encoded ensemble decodes.
+SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
+PNG_BIT_DEPTH_OFFSET = 24  # signature (8) + IHDR length (4) + "IHDR" (4) + width (4) + height (4)
 
 Frame = Union[np.ndarray, bytes, bytearray, str, Path, Any]  # Any: PIL.Image.Image
 
@@ -25,16 +30,12 @@ def to_rgb_array(frame: Frame, *, channel_order: str = "rgb", max_pixels: int = 
             raise InvalidInput("frame: empty bytes; pass PNG/JPEG bytes or a uint8 HxWx3 array")
         return data
     if isinstance(frame, (str, Path)):
-        path = Path(frame)
-        if not path.is_file():
-            raise InvalidInput(f"frame: file {path} not found")
-        data = path.read_bytes()
-        if not data:
-            raise InvalidInput(f"frame: file {path} is empty")
-        return data
+        data = read_image_file(Path(frame))
+        if sends_as_is(data):
+            return data
+        frame, channel_order = decode_locally(data, Path(frame)), "rgb"
     if hasattr(frame, "convert") and hasattr(frame, "size"):  # PIL image
-        frame = np.asarray(frame.convert("RGB"))
-        channel_order = "rgb"
+        frame, channel_order = pil_to_rgb(frame), "rgb"
     if not isinstance(frame, np.ndarray):
         raise InvalidInput(f"frame: unsupported type {type(frame).__name__}; pass a numpy uint8 HxWx3 array, a PIL image, a path or bytes")
     if frame.dtype != np.uint8:
@@ -49,3 +50,50 @@ def to_rgb_array(frame: Frame, *, channel_order: str = "rgb", max_pixels: int = 
     if channel_order == "bgr":
         frame = frame[..., ::-1]
     return np.ascontiguousarray(frame)
+
+
+def read_image_file(path: Path) -> bytes:
+    if path.is_dir():
+        raise InvalidInput(f"frame: {path} is a directory, not an image file; pass one image's path (or stream the "
+                           "folder's files, e.g. `promptmad score FOLDER`, which reads them recursively)")
+    if not path.is_file():
+        raise InvalidInput(f"frame: file {path} not found")
+    data = path.read_bytes()
+    if not data:
+        raise InvalidInput(f"frame: file {path} is empty")
+    return data
+
+
+def sends_as_is(data: bytes) -> bool:
+    """An 8-bit PNG or a JPEG goes to the server encoded; anything else is decoded here first."""
+    if data.startswith(SIGNATURES["PNG"]):
+        return len(data) > PNG_BIT_DEPTH_OFFSET and data[PNG_BIT_DEPTH_OFFSET] <= 8
+    return any(data.startswith(SIGNATURES[f]) for f in ENCODED_FORMATS if f != "PNG")
+
+
+def decode_locally(data: bytes, path: Path) -> np.ndarray:
+    """A file the server would not read right (a 16-bit PNG) or at all (BMP, TIFF, ...): decoded here."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return pil_to_rgb(img, sixteen_bit=data.startswith(SIGNATURES["PNG"]))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidInput(f"frame: {path} is not a readable image ({exc})") from None
+
+
+def pil_to_rgb(img, *, sixteen_bit: bool = False) -> np.ndarray:
+    """uint8 RGB of a PIL image. 16-bit modes (I;16*, and mode I read from a 16-bit PNG, whose
+    values are 0..65535) keep their top 8 bits; convert("RGB") would clip them all to 255."""
+    mode = img.mode
+    if mode.startswith("I;16") or (mode == "I" and sixteen_bit):
+        gray = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("I", "F"):  # no range known: any scaling would be a guess that changes the score
+        kind = "32-bit integer" if mode == "I" else "32-bit float"
+        raise InvalidInput(f"frame: PIL image mode {mode!r} ({kind} pixels) has no known range to map to 8 bits; scale it "
+                           "to 0..255 yourself and pass a uint8 HxWx3 array (for 16-bit data, use mode 'I;16' or value >> 8)")
+    return np.asarray(img.convert("RGB"))

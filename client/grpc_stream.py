@@ -8,13 +8,14 @@ import queue
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from promptmad.client.core import OUTPUT_NAMES, AnomalyResult, error_result, frame_item, request_tensors, target_model
 from promptmad.client.errors import ClientError, RequestTimeout, ServerUnavailable, from_triton
-from promptmad.client.window import OrderedWindow, Pending
+from promptmad.client.window import OrderedWindow, Pending, Source
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,34 @@ class StreamSession:
         self.channel.close()
 
 
+# After an outage's deadline the stream stops waiting: frames fail at once, and the server is probed
+# at most every PROBE_EVERY_S (for at most PROBE_S) so a long-running stream picks it up again.
+PROBE_EVERY_S = 5.0
+PROBE_S = 1.0
+MAX_BACKOFF_S = 3.0
+
+
+@dataclass
+class Outage:
+    """The server is away, from the first failure to the next answer: ONE deadline for all its
+    frames (not one wait per frame), and the backoff between resends (readiness can report a
+    server whose step died as ready, so "ready" alone does not end the waiting)."""
+
+    deadline: float  # time.monotonic() after which the server is given up on
+    limit: float  # reconnect_timeout_s, for messages
+    delay: float = 0.0  # sleep before the next resend
+    given_up: bool = False
+    next_probe: float = 0.0
+
+    @property
+    def why(self) -> str:
+        return f"server did not come back within reconnect_timeout_s={self.limit:g}s"
+
+    def backoff(self) -> None:
+        time.sleep(min(self.delay, max(0.0, self.deadline - time.monotonic())))
+        self.delay = min(max(2 * self.delay, 0.2), MAX_BACKOFF_S)
+
+
 class GrpcStream:
     """One `AnomalyClient.stream` call over gRPC. `run` yields one result per frame, in order."""
 
@@ -109,10 +138,12 @@ class GrpcStream:
         self.events: queue.Queue = queue.Queue()
         self.factory = channel_factory(client.config)
         self.session: StreamSession | None = None
+        self.outage: Outage | None = None
         self.tag = uuid.uuid4().hex[:8]  # request ids unique across streams sharing a server
 
     def run(self, frames: Iterable) -> Iterator[AnomalyResult]:
-        source = enumerate(frames)
+        """If `frames` raises, every frame already taken still gets its result, then the exception propagates."""
+        source = Source(enumerate(frames))
         more = True
         try:
             self.session = StreamSession(self.factory, self.events)
@@ -120,11 +151,12 @@ class GrpcStream:
                 more = more and self._fill(source)
                 yield from self.window.ready()
                 if not more and self.window.idle:
-                    return
+                    break
                 if self.window.pending:
                     self._wait()
         finally:
             self._close_session()
+        source.reraise()
 
     def _fill(self, source) -> bool:
         """Sends new frames while the window has room; False once the source is exhausted."""
@@ -161,18 +193,26 @@ class GrpcStream:
                 self._fail(p, RequestTimeout(f"frame {p.frame_id!r}: no answer within {self.timeout}s",
                                              url=self.client.url, model=self.client.model))
             return
+        if origin is not self.session:
+            return  # from a stream already left behind: its frames were re-sent on the new one
         if kind == "response":
             self._answer(rid, payload)
-        elif origin is self.session:  # our live stream broke or closed (an older one's end is old news)
+        else:  # our live stream broke or closed
             self._recover()
 
     def _answer(self, rid: str, payload) -> None:
-        p = self.window.take(rid)
-        if p is None:
+        if rid not in self.window.pending:
             return  # answer to a frame already reported (timed out)
-        latency = time.perf_counter() - p.started
+        exc = None
         if payload.error_message:
             exc = from_triton(Exception(payload.error_message), url=self.client.url, model=self.client.model)
+            if isinstance(exc, ServerUnavailable):  # e.g. a dead step: the server is down, not this frame
+                self._recover()
+                return
+        p = self.window.take(rid)
+        self.outage = None  # the server answered: whatever outage there was is over
+        latency = time.perf_counter() - p.started
+        if exc is not None:
             self.window.finish(p.seq, error_result(p.frame_id, self.class_name, self.thr, exc, latency))
             return
         from tritonclient.grpc import InferResult
@@ -183,35 +223,56 @@ class GrpcStream:
     def _fail(self, p: Pending, exc: ClientError) -> None:
         self.window.finish(p.seq, error_result(p.frame_id, self.class_name, self.thr, exc, time.perf_counter() - p.started))
 
+    def _unavailable(self, p: Pending, why: str) -> ServerUnavailable:
+        return ServerUnavailable(f"frame {p.frame_id!r}: {why}", url=self.client.url, model=self.client.model)
+
     def _recover(self) -> None:
-        """The stream is gone: reconnect and re-send every unanswered frame (each at most
-        `max_retries` times), or fail them with the reason."""
+        """The server is away: reconnect with backoff and re-send every unanswered frame, or fail
+        them all at once when the outage's one deadline has passed (or waiting cannot help)."""
+        self._close_session()
+        if self.outage is None:
+            self._begin_outage()
         why = self._reconnect()
-        retries = self.client.config.max_retries
-        for p in self.window.take_all():
+        pending = self.window.take_all()
+        for p in pending:
             if why is not None:
-                self._fail(p, why if not isinstance(why, str) else
-                           ServerUnavailable(f"frame {p.frame_id!r}: {why}", url=self.client.url, model=self.client.model))
-            elif p.attempts >= retries:
-                self._fail(p, ServerUnavailable(f"frame {p.frame_id!r}: stream broke {p.attempts + 1} times; giving up",
-                                                url=self.client.url, model=self.client.model))
+                self._fail(p, why if isinstance(why, ClientError) else self._unavailable(p, why))
             else:
-                p.attempts += 1
                 p.deadline = time.monotonic() + self.timeout
                 self.window.add(p.request.id, p)
                 self.session.send(p.request)
 
+    def _begin_outage(self) -> None:
+        """Starts the outage's clock; each unanswered frame uses one of its `max_retries` (a frame
+        that keeps bringing the server down is failed, not re-sent for ever)."""
+        limit = self.client.config.reconnect_timeout_s
+        log.warning("server %s unavailable; reconnecting (up to %gs)", self.client.url, limit)
+        self.outage = Outage(time.monotonic() + limit, limit)
+        retries = self.client.config.max_retries
+        for p in list(self.window.pending.values()):
+            if p.attempts >= retries:
+                self.window.take(p.request.id)
+                self._fail(p, self._unavailable(p, f"the server failed {p.attempts + 1} times with this frame in flight; giving up"))
+            else:
+                p.attempts += 1
+
     def _reconnect(self) -> str | ClientError | None:
         """Opens a new stream once the server is back; else why not (a message or the typed error)."""
-        self._close_session()
-        limit = self.client.config.reconnect_timeout_s
-        log.warning("stream to %s broke; reconnecting (up to %.0fs)", self.client.url, limit)
+        o = self.outage
+        if o.given_up:  # past the deadline: fail at once, but look again now and then
+            if time.monotonic() < o.next_probe:
+                return o.why
+            deadline = time.monotonic() + PROBE_S
+        else:
+            o.backoff()
+            deadline = o.deadline
         try:
-            back = self.client._wait_for_server(time.monotonic() + limit)
+            back = self.client._wait_for_server(deadline)
         except ClientError as exc:  # not a connection failure: waiting will not help
             return exc
         if not back:
-            return f"server did not come back within {limit}s"
+            o.given_up, o.next_probe = True, time.monotonic() + PROBE_EVERY_S
+            return o.why
         self.session = StreamSession(self.factory, self.events)
         return None
 
@@ -219,4 +280,3 @@ class GrpcStream:
         if self.session is not None:
             self.session.close()
             self.session = None
-

@@ -85,7 +85,7 @@ class AnomalyClient(ClientCore):
                 err = self._err(exc)
                 if not isinstance(err, ServerUnavailable):
                     raise err from None
-            time.sleep(delay)
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))  # never past the outage's deadline
             delay = min(delay * 2, 3.0)  # exponential backoff
         return False
 
@@ -108,7 +108,8 @@ class AnomalyClient(ClientCore):
         if self._shm is None:
             from promptmad.client.shm import SystemShmPool
 
-            self._shm = SystemShmPool(self._client, prefix=f"promptmad-{uuid.uuid4().hex[:8]}")
+            self._shm = SystemShmPool(self._client, prefix=f"promptmad-{uuid.uuid4().hex[:8]}",
+                                      headers=self.config.admin_headers(), url=self.url, model=self.model)
         return self._shm
 
     def _request(self, batch: list, cid: int, *, use_shm: bool = False):
@@ -131,7 +132,7 @@ class AnomalyClient(ClientCore):
         use_shm = self.config.use_shared_memory and isinstance(arr, np.ndarray)
         with self._lock if use_shm else contextlib.nullcontext():  # shm regions are reused between calls
             res = self._infer([arr], cid, use_shm=use_shm)
-        return self._decode(res, [frame_id], name, thr, time.perf_counter() - t0)[0]
+        return self._decode_one(res, frame_id, name, thr, time.perf_counter() - t0)
 
     def _submit(self, batch: list, cid: int) -> Callable[[], Any]:
         """Sends one request without waiting; returns the function that waits for its answer
@@ -187,14 +188,19 @@ class AnomalyClient(ClientCore):
 
         At most `max_in_flight` frames are sent and not yet yielded (backpressure). A frame that
         fails, times out or cannot be resent yields a result with `error` set: never a gap, never a
-        duplicate. Over gRPC (one bidirectional stream) a broken stream (server restart) is
-        reconnected with exponential backoff and the unanswered frames re-sent (at most
-        `max_retries` times each); over HTTP it is a window of concurrent requests."""
-        window = max_in_flight or self.config.max_in_flight
+        duplicate. Over gRPC (one bidirectional stream) a server that goes away (stream broken,
+        restart, or a step's process dead) is reconnected with exponential backoff and the
+        unanswered frames re-sent (each in at most `max_retries` outages); all of them wait for ONE
+        deadline per outage, `reconnect_timeout_s`, after which each is reported ServerUnavailable
+        at once (and so are later frames until the server answers again). Over HTTP it is a window
+        of concurrent requests. If `frames` raises, the frames already taken get their results
+        first, then the exception propagates. `max_in_flight`/`timeout_s` None means the config's;
+        other values are checked (ClientConfigError)."""
+        window = self.config.stream_window(max_in_flight)
+        timeout = self.config.stream_timeout(timeout_s)
         if self.config.protocol != "grpc":
             return self._stream_unary(frames, class_name, window)
-        stream = GrpcStream(self, class_name, window=window, timeout=timeout_s or self.config.timeout_s)
-        return stream.run(frames)
+        return GrpcStream(self, class_name, window=window, timeout=timeout).run(frames)
 
     def _stream_unary(self, frames, class_name, window: int) -> Iterator[AnomalyResult]:
         """HTTP: a window of requests in flight, answers collected in input order."""

@@ -67,13 +67,43 @@ class OrderedWindow:
             self._next += 1
 
 
+class Source:
+    """A stream's frame iterator, guarded: the first exception it raises ends it and is kept, so
+    the stream can first give every frame already sent its result, then re-raise (`reraise`)."""
+
+    def __init__(self, items: Iterable):
+        self._items = iter(items)
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> "Source":
+        return self
+
+    def __next__(self):
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise
+        except Exception as exc:  # the caller's iterator failed: stop taking frames, drain, then raise it
+            self.error = exc
+            raise StopIteration from None
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def fifo(items: Iterable, size: int, submit: Callable, collect: Callable) -> Iterator:
     """`collect(submit(item))` for every item, in order, with at most `size` submitted and not
-    collected: the window of the unary (HTTP) stream and of score_batch's requests."""
+    collected: the window of the unary (HTTP) stream and of score_batch's requests. If `items`
+    raises, what was submitted is collected first, then the exception propagates."""
     inflight: deque = deque()
-    for item in items:
+    source = Source(items)
+    for item in source:
         inflight.append(submit(item))
         if len(inflight) >= size:
             yield collect(inflight.popleft())
     while inflight:
         yield collect(inflight.popleft())
+    source.reraise()
