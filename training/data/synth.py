@@ -331,10 +331,27 @@ def generate_dataset(
     over several ``test/<defect>`` folders. Raises ``ConfigError`` for unknown classes or bad
     counts, ``DatasetError`` if `root` holds other data in the way.
     """
-    from promptmad.errors import ConfigError
-
     root = Path(root)
     classes = list(DEFAULT_CLASSES if classes is None else classes)
+    _check_arguments(classes, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect, image_size=image_size)
+    doc = {
+        "generator": GENERATOR, "format_version": FORMAT_VERSION, "layout": "mvtec", "seed": seed,
+        "image_size": image_size, "defects": DEFECT_DESCRIPTIONS,
+        "sources": "photographs bundled with scikit-image (skimage.data), no downloads",
+    }
+    _prepare_root(root, classes, doc)
+    t0 = time.perf_counter()
+    counts = {cls: _write_class(root, cls, n_train, n_test_good, n_test_defect, image_size, seed) for cls in classes}
+    doc.update(complete=True, classes=counts)
+    (root / "dataset.json").write_text(json.dumps(doc, indent=2) + "\n")
+    _write_readme(root, counts, seed, image_size)
+    log.info("wrote %s: %d classes in %.1fs", root, len(classes), time.perf_counter() - t0)
+    return classes
+
+
+def _check_arguments(classes: list[str], *, image_size: int, **counts: int) -> None:
+    from promptmad.errors import ConfigError
+
     if not classes:
         raise ConfigError("classes", f"give at least one class; choose from {', '.join(DEFAULT_CLASSES)}")
     for c in classes:
@@ -342,42 +359,34 @@ def generate_dataset(
             raise ConfigError("classes", f"{c!r} is not a synthetic class; choose from {', '.join(DEFAULT_CLASSES)}")
     if len(set(classes)) != len(classes):
         raise ConfigError("classes", f"duplicate class names in {classes}")
-    for name, value in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect)):
+    for name, value in counts.items():
         if int(value) < 1:
             raise ConfigError(name, f"must be >= 1 (got {value})")
     if not 64 <= int(image_size) <= 2048:
         raise ConfigError("image_size", f"must be between 64 and 2048 pixels (got {image_size})")
-    doc = {
-        "generator": GENERATOR, "format_version": FORMAT_VERSION, "layout": "mvtec", "seed": seed,
-        "image_size": image_size, "defects": DEFECT_DESCRIPTIONS,
-        "sources": "photographs bundled with scikit-image (skimage.data), no downloads",
-    }
-    _prepare_root(root, classes, doc)
 
-    t0 = time.perf_counter()
-    counts: dict[str, dict] = {}
-    for cls in classes:
-        src, kind = _source(cls), _KIND[cls]
-        for i in range(n_train):
-            _save_png(root / cls / "train" / "good" / f"{i:03d}.png", _normal_view(src, kind, image_size, _rng(seed, cls, "train", i)))
-        for i in range(n_test_good):
-            _save_png(root / cls / "test" / "good" / f"{i:03d}.png", _normal_view(src, kind, image_size, _rng(seed, cls, "test_good", i)))
-        offset = zlib.crc32(cls.encode()) % len(DEFECTS)
-        per_defect: dict[str, int] = {}
-        for i in range(n_test_defect):
-            defect = DEFECTS[(i + offset) % len(DEFECTS)]
-            k = per_defect.get(defect, 0)
-            per_defect[defect] = k + 1
-            rng = _rng(seed, cls, "test_defect", i)
-            img, mask = add_defect(_normal_view(src, kind, image_size, rng), defect, rng)
-            _save_png(root / cls / "test" / defect / f"{k:03d}.png", img)
-            _save_png(root / cls / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
-        counts[cls] = {"kind": kind, "train_good": n_train, "test_good": n_test_good,
-                       "test_defects": dict(sorted(per_defect.items()))}
-        log.debug("%s: %d train, %d good + %d defective test images", cls, n_train, n_test_good, n_test_defect)
 
-    doc.update(complete=True, classes=counts)
-    (root / "dataset.json").write_text(json.dumps(doc, indent=2) + "\n")
+def _write_class(root: Path, cls: str, n_train: int, n_test_good: int, n_test_defect: int, image_size: int, seed: int) -> dict:
+    """One class's train/good, test/good and test/<defect> images (+ exact masks); returns its counts."""
+    src, kind = _source(cls), _KIND[cls]
+    for split, folder, n in (("train", "train", n_train), ("test_good", "test", n_test_good)):
+        for i in range(n):
+            _save_png(root / cls / folder / "good" / f"{i:03d}.png", _normal_view(src, kind, image_size, _rng(seed, cls, split, i)))
+    offset = zlib.crc32(cls.encode()) % len(DEFECTS)
+    per_defect: dict[str, int] = {}
+    for i in range(n_test_defect):
+        defect = DEFECTS[(i + offset) % len(DEFECTS)]
+        k = per_defect.get(defect, 0)
+        per_defect[defect] = k + 1
+        rng = _rng(seed, cls, "test_defect", i)
+        img, mask = add_defect(_normal_view(src, kind, image_size, rng), defect, rng)
+        _save_png(root / cls / "test" / defect / f"{k:03d}.png", img)
+        _save_png(root / cls / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
+    log.debug("%s: %d train, %d good + %d defective test images", cls, n_train, n_test_good, n_test_defect)
+    return {"kind": kind, "train_good": n_train, "test_good": n_test_good, "test_defects": dict(sorted(per_defect.items()))}
+
+
+def _write_readme(root: Path, counts: dict[str, dict], seed: int, image_size: int) -> None:
     lines = [
         f"Embedded default dataset of promptmad, written by `{GENERATOR}` (MVTec AD folder layout).",
         f"seed={seed} image_size={image_size}",
@@ -390,5 +399,3 @@ def generate_dataset(
     lines += ["", "Defects (ground_truth/<defect>/<name>_mask.png marks exactly the changed pixels):"]
     lines += [f"  {d:<14} {desc}" for d, desc in DEFECT_DESCRIPTIONS.items()]
     (root / "README.txt").write_text("\n".join(lines) + "\n")
-    log.info("wrote %s: %d classes in %.1fs", root, len(classes), time.perf_counter() - t0)
-    return classes
