@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ import torch
 
 from promptmad import __version__, contract
 from promptmad.errors import ExportError
-from promptmad.export.manifest import seal_manifest
+from promptmad.export.manifest import MANIFEST
 from promptmad.export.onnx_export import (
     check_ops,
     check_parity as run_parity_check,
@@ -187,7 +188,7 @@ def export_run(
             artifacts, trt_meta = _build_engines(onnx_paths, staging, spec.tensor_shapes, reference, max_batch=max_batch, fp16=fp16)
         manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity, trt_meta=trt_meta)
         repo = write_repository(out_dir, spec, artifacts=artifacts, text_table=text_table, prompt_table=prompt_table, manifest=manifest)
-        manifest = seal_manifest(repo)
+        manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s)", run_dir, repo, runtime)

@@ -9,7 +9,6 @@ interrupted export never leaves a half-written repository behind (the previous o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import numpy as np
 from promptmad import __version__, contract
 from promptmad.contract import ALL_MODELS, ENGINE_STEPS
 from promptmad.errors import ExportError, ServeError
+from promptmad.export.manifest import DIGEST_FIELD, seal_manifest
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ def _copy_engine(stage: Path, step: str, artifact: Path, runtime: str) -> None:
 
 
 def _fill_stage(stage: Path, configs: dict, spec: RepositorySpec, artifacts: dict[str, Path],
-                tables: dict[str, np.ndarray], manifest_text: str) -> None:
-    """Everything of the repository into `stage`: the template tree, the configs, the model.py of
-    the models built from another template, the engines, the prompt tables and the manifest."""
+                tables: dict[str, np.ndarray]) -> None:
+    """Everything of the repository into `stage` but the manifest: the template tree, the configs,
+    the model.py of the models built from another template, the engines and the prompt tables."""
     src = templates_dir()
     # the whole template tree (hand-readable config.pbtxt.in, model.py files, README): exporting
     # into the source folder itself must leave its tracked files in place
@@ -240,7 +240,16 @@ def _fill_stage(stage: Path, configs: dict, spec: RepositorySpec, artifacts: dic
         _copy_engine(stage, step, Path(artifacts[step]), spec.runtime)
     for name, table in tables.items():
         np.save(stage / contract.PROMPT_BANK.name / "1" / name, np.ascontiguousarray(table, dtype=np.float32))
-    (stage / "manifest.json").write_text(manifest_text)
+
+
+def _seal(stage: Path, spec: RepositorySpec, manifest: dict) -> dict:
+    """Writes the manifest with the checksum of every file, then the ensemble configs with its
+    digest (which leaves them out: manifest.py), then seals again so their checksums are listed."""
+    doc = seal_manifest(stage, manifest)
+    for ensemble in contract.ENSEMBLES:
+        cfg = _ensemble_config(ensemble, spec, doc[DIGEST_FIELD])
+        (stage / ensemble.name / "config.pbtxt").write_text(to_pbtxt(cfg))
+    return seal_manifest(stage, doc)
 
 
 def _make_stage(out_dir: Path) -> Path:
@@ -258,12 +267,12 @@ def write_repository(out_dir: str | Path, spec: RepositorySpec, *, artifacts: di
     returns its path. `out_dir` may be the source `model_repository/` folder itself."""
     out_dir = Path(out_dir).resolve()
     _check_inputs(spec, artifacts, text_table, prompt_table)
-    manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
-    configs = build_configs(spec, hashlib.sha256(manifest_text.encode()).hexdigest())
+    configs = build_configs(spec, manifest_sha256="")  # the ensembles get the digest once sealed
     tables = {contract.TEXT_TABLE_FILE: text_table, contract.PROMPT_TABLE_FILE: prompt_table}
     stage = _make_stage(out_dir)
     try:
-        _fill_stage(stage, configs, spec, artifacts, tables, manifest_text)
+        _fill_stage(stage, configs, spec, artifacts, tables)
+        _seal(stage, spec, manifest)
         _swap_into_place(stage, out_dir)
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
