@@ -5,12 +5,19 @@ The backend directory is assembled once from the wheel (libtriton_python.so,
 triton_python_backend_utils.py and the stub matching this interpreter) under
 ~/.cache/promptmad/triton-backends/. The Python-backend stub runs model.py with the first
 `python3` on PATH, so this interpreter's bin directory goes first on the server's PATH.
+
+Host safety: the APIs of contract.RESTRICTED_APIS (shared memory, logging, trace, model repository)
+answer only requests that carry the admin key in header contract.ADMIN_KEY_HEADER; in model control
+mode none Triton loads a private, verified snapshot of the repository (export/snapshot.py), so the
+stubs neither write nor read bytecode caches in the repository; /dev/shm regions left by crashed
+servers are freed before a start.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,7 +29,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from promptmad import contract
 from promptmad.errors import ServeError
+from promptmad.export.snapshot import snapshot_repository
+from promptmad.export.stale_shm import free_stale_regions
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def resolve_admin_key(key: str | None = None) -> str:
+    """The admin key: `key`, else $PROMPTMAD_ADMIN_KEY (contract.ADMIN_KEY_ENV), else a fresh random one.
+    It travels inside tritonserver's --*-restricted-* flags, whose syntax forbids `,:=` and spaces."""
+    key = key or os.environ.get(contract.ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
+    if len(key) < 16 or any(c in key for c in ",:= \t\n"):
+        raise ServeError(f"the admin key (${contract.ADMIN_KEY_ENV}) must be at least 16 characters without ',', ':', '=' "
+                         "or spaces; e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return key
+
+
+# the header a gRPC client sends: Triton prefixes the configured name for the gRPC protocol groups
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{contract.ADMIN_KEY_HEADER}"
+
+
+def restricted_api_flags(key: str) -> list[str]:
+    """tritonserver flags that put contract.RESTRICTED_APIS behind header ADMIN_KEY_HEADER = key."""
+    spec = f"{','.join(contract.RESTRICTED_APIS)}:{contract.ADMIN_KEY_HEADER}={key}"
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,7 +125,8 @@ def port_in_use(host: str, port: int) -> bool:
 class TritonServer:
     """`with TritonServer(repo) as server: ...` starts tritonserver, waits until it is ready, and
     stops it on exit. Ports 0 = free ports. Binds 127.0.0.1 and uses model control mode NONE by
-    default: nothing is reachable from other machines and models cannot be loaded remotely."""
+    default: nothing is reachable from other machines and models cannot be loaded remotely.
+    `admin_key` (default: $PROMPTMAD_ADMIN_KEY or a fresh random key) unlocks the restricted APIs."""
 
     def __init__(
         self,
@@ -112,6 +143,7 @@ class TritonServer:
         log_file: str | Path | None = None,
         verify_manifest: bool = False,
         wait_for: str = "ready",
+        admin_key: str | None = None,
     ):
         self.repository = Path(repository).resolve()
         self.host = host
@@ -130,6 +162,9 @@ class TritonServer:
         if wait_for not in ("ready", "live"):
             raise ServeError(f"wait_for {wait_for!r}: 'ready' (all models loaded) or 'live' (process up)")
         self.wait_for = wait_for
+        self.admin_key = resolve_admin_key(admin_key)
+        self._workdir: Path | None = None  # private per start: snapshot/, cwd/ (see _prepare)
+        self.served_repository = self.repository  # the snapshot while one is served
         self._own_log = log_file is None
         self.log_path = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._proc: subprocess.Popen | None = None
@@ -162,7 +197,7 @@ class TritonServer:
     def command(self) -> list[str]:
         return [
             str(find_tritonserver()),
-            f"--model-repository={self.repository}",
+            f"--model-repository={self.served_repository}",
             f"--backend-directory={backend_directory()}",
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
@@ -173,6 +208,7 @@ class TritonServer:
             f"--exit-on-error={'true' if self.wait_for == 'ready' else 'false'}",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
+            *restricted_api_flags(self.admin_key),
             *self.extra_args,
         ]
 
@@ -183,24 +219,46 @@ class TritonServer:
         # the Python-backend stub runs model.py with the first python3 on PATH
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("OMP_NUM_THREADS", "1")
+        # no bytecode caches for what the models start themselves (Triton 2.51's stub interpreter
+        # ignores these; the snapshot keeps its caches out of the repository)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if self._workdir is not None:
+            env["PYTHONPYCACHEPREFIX"] = str(self._workdir / "pycache")
         return env
+
+    def _prepare(self) -> None:
+        """A private folder for this start: the stubs' working directory (it is on their sys.path,
+        so it must hold nothing), and in model control mode none the snapshot Triton loads (the
+        other modes watch or load from the repository itself)."""
+        self._workdir = Path(tempfile.mkdtemp(prefix="promptmad-serve-"))
+        (self._workdir / "cwd").mkdir()
+        self.served_repository = self.repository
+        if self.model_control_mode == "none":
+            self.served_repository = snapshot_repository(self.repository, self._workdir / "repository")
+        if self.verify_manifest:
+            from promptmad.export.manifest import verify_repository_checksums
+
+            verify_repository_checksums(self.served_repository, shown_as=self.repository)
 
     def start(self) -> "TritonServer":
         if self._proc and self._proc.poll() is None:
             return self
         if not self.repository.is_dir():
             raise ServeError(f"{self.repository}: model repository not found (create it with `promptmad export`)")
-        if self.verify_manifest:
-            from promptmad.export.manifest import verify_repository_checksums
-
-            verify_repository_checksums(self.repository)
         for name, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
             if port_in_use(self.host, port):
                 raise ServeError(f"{name} port {self.host}:{port} is already in use; stop the other server or pass --{name}-port")
+        free_stale_regions()  # what servers killed with -9 left in /dev/shm
+        try:
+            self._prepare()
+        except BaseException:
+            self._release()
+            raise
         self._log_fh = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
             self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT, env=self.environment(),
             start_new_session=True,  # own process group: stop() reaches the backend stubs too
+            cwd=self._workdir / "cwd",
         )
         log.info("tritonserver pid %d, log %s", self._proc.pid, self.log_path)
         try:
@@ -255,9 +313,17 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        self._release()
+
+    def _release(self) -> None:
+        """The log handle and the per-start private folder (snapshot included)."""
         if self._log_fh:
             self._log_fh.close()
             self._log_fh = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+            self.served_repository = self.repository
 
     def kill(self) -> None:
         """Hard kill (for fault tests): no graceful shutdown."""
@@ -268,13 +334,12 @@ class TritonServer:
             except ProcessLookupError:
                 pass
             proc.wait()
-        if self._log_fh:
-            self._log_fh.close()
-            self._log_fh = None
+        self._release()
 
-    def restart(self) -> "TritonServer":
-        """Start again on the same ports (after stop() or kill())."""
-        self.stop()
+    def restart(self, grace_s: float = 20.0) -> "TritonServer":
+        """Start again on the same ports (after stop() or kill(); a running server gets `grace_s`
+        seconds to finish its requests)."""
+        self.stop(timeout=grace_s)
         deadline = time.monotonic() + 30
         while any(port_in_use(self.host, p) for p in (self.http_port, self.grpc_port, self.metrics_port)):
             if time.monotonic() > deadline:
