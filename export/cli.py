@@ -24,7 +24,10 @@ SERVE_DESCRIPTION = (
     "Start the tritonserver 2.51 that ships in the nvidia-pytriton wheel (Python backend, "
     "ensembles) on REPO. Listens on 127.0.0.1 only unless --host is given; models cannot be "
     "loaded or unloaded remotely (model control mode none). The repository's manifest "
-    "checksums are verified first. Ctrl-C stops the server."
+    "checksums are verified first. Shared memory, logging, trace and model-repository APIs need the "
+    f"admin key in header '{contract.ADMIN_KEY_HEADER}' (${contract.ADMIN_KEY_ENV}, else a random key written to "
+    "--admin-key-file). A step whose process dies makes the server restart on the same ports. "
+    "Ctrl-C stops the server."
 )
 
 
@@ -69,6 +72,8 @@ def _register_serve(subparsers) -> None:
     s.add_argument("--model-control-mode", default="none", choices=["none", "poll", "explicit"])
     s.add_argument("--no-verify", action="store_true", help="do not verify the manifest checksums")
     s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--admin-key-file", help="where to write the admin key, mode 0600 "
+                   "(default: ~/.cache/promptmad/admin-key-<http port>, or under $PROMPTMAD_CACHE)")
     s.set_defaults(func=_serve)
 
 
@@ -97,19 +102,48 @@ def _serve(args) -> int:
     server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, model_control_mode=args.model_control_mode,
                           log_verbose=args.log_verbose, verify_manifest=not args.no_verify, startup_timeout=300)
+    key_file = write_admin_key(server.admin_key, args.admin_key_file or default_admin_key_file(server.http_port))
     print(f"starting tritonserver on {args.repo} (log: {server.log_path}) ...", flush=True)
-    server.start()
-    # before "ready." is printed: a Ctrl-C right after it must still stop the server cleanly
-    stop = _stop_on_signals()
     try:
-        _print_models(server)
-        print(f"ready.  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}\n"
-              "Ctrl-C to stop.", flush=True)
-        return _wait(server, stop)
+        server.start()
+        # before "ready." is printed: a Ctrl-C right after it must still stop the server cleanly
+        stop = _stop_on_signals()
+        try:
+            _print_models(server)
+            print(f"ready.  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}   "
+                  f"admin key: {key_file}\nCtrl-C to stop.", flush=True)
+            return _wait(server, stop)
+        finally:
+            print("stopping tritonserver ...", flush=True)
+            server.stop()
+            print("stopped.")
     finally:
-        print("stopping tritonserver ...", flush=True)
-        server.stop()
-        print("stopped.")
+        key_file.unlink(missing_ok=True)  # the key means nothing once the server is gone
+
+
+def default_admin_key_file(http_port: int):
+    """One file per HTTP port, so two servers on one host do not overwrite each other's key."""
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ.get("PROMPTMAD_CACHE", Path.home() / ".cache" / "promptmad"))
+    return cache / f"admin-key-{http_port}"
+
+
+def write_admin_key(key: str, path):
+    """Writes the key to `path` readable by this user only (0600, folder created 0700); returns the path."""
+    import os
+    from pathlib import Path
+
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        os.write(fd, key.encode())
+    finally:
+        os.close(fd)
+    return path
 
 
 def _stop_on_signals() -> dict[str, bool]:
@@ -132,7 +166,8 @@ def _print_models(server) -> None:
     import urllib.request
 
     try:
-        req = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
+        req = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                     headers={contract.ADMIN_KEY_HEADER: server.admin_key})  # a restricted API
         with urllib.request.urlopen(req, timeout=5) as r:
             for m in json.loads(r.read()):
                 print(f"  {m['name']:<20} {m.get('state', '?')}")
@@ -141,12 +176,21 @@ def _print_models(server) -> None:
 
 
 def _wait(server, stop: dict[str, bool]) -> int:
-    """Until a signal (0) or the server process dies on its own (1, with its last log lines)."""
+    """Until a signal (0) or a restart that fails (1, with the server's last log lines). A dead step
+    (or a server that exited on its own) makes the supervisor restart it; each restart prints a line."""
     import time
 
+    from promptmad.errors import ServeError
+    from promptmad.export.supervisor import Supervisor
+
+    supervisor = Supervisor(server).arm()
     while not stop["now"]:
-        if server._proc is None or server._proc.poll() is not None:
-            print("tritonserver exited unexpectedly; last log lines:\n" + "\n".join(server.log_text().splitlines()[-20:]))
+        try:
+            event = supervisor.check()
+        except ServeError as exc:
+            print(f"tritonserver could not be restarted: {exc}", flush=True)
             return 1
+        if event:
+            print(event, flush=True)
         time.sleep(0.5)
     return 0
