@@ -39,6 +39,7 @@ class Options:
     per_model: bool = True
     request_count: int = 40
     baseline_seconds: float = 8.0
+    admin_key: str | None = None  # of the server, for --shared-memory system (restricted API)
 
 
 def run_benchmark(
@@ -68,8 +69,9 @@ def run_benchmark(
     if url is None and repo is None:
         raise BenchError("give a model repository to serve (--repo) or the gRPC URL of a running server (--url)")
     check_perf_analyzer()
-    opts = Options(concurrency, shared_memory, per_model, request_count, baseline_seconds)
     server = _start_server(repo) if url is None else None
+    opts = Options(concurrency, shared_memory, per_model, request_count, baseline_seconds,
+                   admin_key=server.admin_key if server else None)  # else $PROMPTMAD_ADMIN_KEY (sweep.py)
     grpc_url, server_pid = (server.grpc_url, server.pid) if server else (url, server_pid)
     try:
         params = ensemble_parameters(grpc_url)
@@ -128,7 +130,7 @@ def _measure_size(grpc_url: str, repo, frames, ids, size: int, predictors: dict[
     sweeps = [sw]
     if opts.shared_memory:
         shm = sweep_ensemble(grpc_url, frames, ids, out, f"ensemble_{size}_shm", concurrency=opts.concurrency,
-                             shared_memory="system", request_count=opts.request_count)
+                             shared_memory="system", request_count=opts.request_count, admin_key=opts.admin_key)
         res["triton_shm_sweep"], res["triton_shm_best"] = shm.rows, point(shm.best())
         sweeps.append(shm)
     res["ratios"] = ratios(res)

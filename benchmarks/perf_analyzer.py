@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from promptmad import contract
 from promptmad.errors import PromptMADError
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,13 @@ def _check_argv(protocol, shared_memory, measurement_mode, concurrency_range, ba
         raise BenchError(f"percentile {percentile}: use 1..99 (e.g. 95) or None for the average latency")
 
 
+def admin_key_header(protocol: str) -> str:
+    """The header that carries the admin key: Triton prefixes the configured name for gRPC."""
+    from promptmad.export.server import GRPC_ADMIN_KEY_HEADER
+
+    return GRPC_ADMIN_KEY_HEADER if protocol == "grpc" else contract.ADMIN_KEY_HEADER
+
+
 def build_argv(
     model: str,
     url: str,
@@ -264,12 +272,15 @@ def build_argv(
     csv_out: Path | str | None = None,
     extra: Sequence[str] = (),
     executable: Path | str | None = None,
+    admin_key: str | None = None,
 ) -> list[str]:
     """argv of one perf_analyzer concurrency sweep (``-m model -u url -i grpc ...``).
 
     ``percentile`` (e.g. 95) makes perf_analyzer stabilise on that latency percentile instead of the
     average (and drops the ``Avg latency`` column of ``--verbose-csv``); ``shared_memory="system"``
-    passes inputs and outputs through POSIX shared memory (client and server on one host).
+    passes inputs and outputs through POSIX shared memory (client and server on one host); it needs
+    the server's ``admin_key`` (sent in the admin-key header, ``-H``), since promptmad servers
+    restrict the shared-memory API.
     """
     _check_argv(protocol, shared_memory, measurement_mode, concurrency_range, batch_size, measurement_request_count, percentile)
     lo, hi, step = (int(x) for x in concurrency_range)
@@ -288,6 +299,8 @@ def build_argv(
         argv += ["--percentile", str(int(percentile))]
     if shared_memory != "none":
         argv += ["--shared-memory", shared_memory, "--output-shared-memory-size", str(int(output_shared_memory_size))]
+    if admin_key:
+        argv += ["-H", f"{admin_key_header(protocol)}:{admin_key}"]
     if csv_out is not None:
         argv += ["-f", str(csv_out)]
         if verbose_csv:

@@ -14,6 +14,7 @@ with the per-composing-model breakdown of each concurrency) and ``input_<label>.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -74,16 +75,19 @@ def run_sweep(
     percentile: int | None = 95,
     batch_size: int = 1,
     timeout: float = 1800,
+    admin_key: str | None = None,
 ) -> SweepResult:
     """One sweep over gRPC. When a busy machine keeps perf_analyzer from stabilising, the sweep is
-    repeated with a 100% criterion and the result is marked ``stable=False``."""
+    repeated with a 100% criterion and the result is marked ``stable=False``. Shared memory needs
+    the server's admin key: ``admin_key``, else $PROMPTMAD_ADMIN_KEY."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, log_path = out / f"perf_{label}.csv", out / f"perf_{label}.log"
     argv = build_argv(model, grpc_url, input_data=input_json, concurrency_range=concurrency, shared_memory=shared_memory,
                       output_shared_memory_size=output_shared_memory_size, measurement_request_count=request_count,
                       stability_percentage=stability_percentage, percentile=percentile, batch_size=batch_size,
-                      csv_out=csv_path, verbose_csv=True)
+                      csv_out=csv_path, verbose_csv=True,
+                      admin_key=(admin_key or os.environ.get(contract.ADMIN_KEY_ENV)) if shared_memory != "none" else None)
     stable = True
     try:
         text = run(argv, timeout=timeout, log_path=log_path)
@@ -112,12 +116,13 @@ def sweep_ensemble(
     request_count: int = 40,
     model: str = contract.MODEL_NAME,
     batch_size: int = 1,
+    admin_key: str | None = None,
 ) -> SweepResult:
     """The ensemble on real frames (cycled in order, each with its class id)."""
     data = build_input_data(frames, class_ids, Path(out) / f"input_{label}.json")
     return run_sweep(model, grpc_url, data, out, label, concurrency=concurrency, shared_memory=shared_memory,
                      output_shared_memory_size=output_shm_bytes(frames, batch_size), request_count=request_count,
-                     batch_size=batch_size)
+                     batch_size=batch_size, admin_key=admin_key)
 
 
 Feeds = dict[str, list[dict[str, np.ndarray]]]  # step -> one {input name: per-item array} per frame
