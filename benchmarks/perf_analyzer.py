@@ -246,9 +246,7 @@ def _check_argv(protocol, shared_memory, measurement_mode, concurrency_range, ba
 
 def admin_key_header(protocol: str) -> str:
     """The header that carries the admin key: Triton prefixes the configured name for gRPC."""
-    from promptmad.export.server import GRPC_ADMIN_KEY_HEADER
-
-    return GRPC_ADMIN_KEY_HEADER if protocol == "grpc" else contract.ADMIN_KEY_HEADER
+    return contract.GRPC_ADMIN_KEY_HEADER if protocol == "grpc" else contract.ADMIN_KEY_HEADER
 
 
 def build_argv(

@@ -102,10 +102,6 @@ def resolve_admin_key(key: str | None = None) -> str:
     return key
 
 
-# the header a gRPC client sends: Triton prefixes the configured name for the gRPC protocol groups
-GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{contract.ADMIN_KEY_HEADER}"
-
-
 def restricted_api_flags(key: str) -> list[str]:
     """tritonserver flags that put contract.RESTRICTED_APIS behind header ADMIN_KEY_HEADER = key."""
     spec = f"{','.join(contract.RESTRICTED_APIS)}:{contract.ADMIN_KEY_HEADER}={key}"

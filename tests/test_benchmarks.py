@@ -374,7 +374,7 @@ def test_real_perf_analyzer_run(triton_server, tmp_path):
 
     shm = run_sweep("promptmad", triton_server.grpc_url, tmp_path / "input_ens.json", tmp_path, "ens_shm",
                     concurrency=(1, 1, 1), shared_memory="system", output_shared_memory_size=1 << 20, request_count=8,
-                    stability_percentage=100)
+                    stability_percentage=100, admin_key=triton_server.admin_key)  # shared memory is a restricted API
     assert shm.rows[0]["Inferences/Second"] > 0 and (tmp_path / "perf_ens_shm.log").read_text()
 
     bad = build_argv("no_such_model", triton_server.grpc_url, input_data=tmp_path / "input_ens.json", concurrency_range=(1, 1, 1),

@@ -88,7 +88,6 @@ def test_grpc_shared_memory_and_logging_need_the_admin_key(served):
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
 
-    from promptmad.export.server import GRPC_ADMIN_KEY_HEADER
 
     server = served["server"]
     client = tg.InferenceServerClient(server.grpc_url)
@@ -97,7 +96,7 @@ def test_grpc_shared_memory_and_logging_need_the_admin_key(served):
                  lambda **h: client.update_log_settings({"log_verbose_level": 1}, **h)):
         with pytest.raises(InferenceServerException, match="restricted"):
             call()
-    key = {"headers": {GRPC_ADMIN_KEY_HEADER: server.admin_key}}
+    key = {"headers": {contract.GRPC_ADMIN_KEY_HEADER: server.admin_key}}
     client.register_system_shared_memory("probe", region, 64, **key)
     assert "probe" in str(client.get_system_shared_memory_status(**key))
     client.unregister_system_shared_memory("probe", **key)

@@ -50,8 +50,10 @@ def grpc(triton_server):
     c.close()
 
 
-def test_every_model_ready(http, tiny_repository):
-    index = {m["name"]: m.get("state") for m in http.get_model_repository_index()}
+def test_every_model_ready(http, triton_server, tiny_repository):
+    # the repository index is a restricted API (contract.RESTRICTED_APIS): it needs the admin key
+    index = {m["name"]: m.get("state")
+             for m in http.get_model_repository_index(headers={contract.ADMIN_KEY_HEADER: triton_server.admin_key})}
     for name in contract.ALL_MODELS:
         assert index.get(name) == "READY", (name, index)
     assert http.is_server_ready()
