@@ -178,12 +178,12 @@ def check_metadata(meta: dict, *, url: str, model: str) -> None:
                                     "client and repository versions differ", url=url, model=model)
 
 
-def not_ready_detail(index) -> str:
-    """Which models of the repository index are not READY, and why."""
-    models = index.get("models", []) if isinstance(index, dict) else index
-    bad = [f"{m['name']} ({m.get('state', 'UNKNOWN')}: {m.get('reason', '').strip() or 'no reason given'})"
-           for m in models if m.get("state") != "READY"]
-    return (": not ready: " + "; ".join(bad)) if bad else ""
+def not_ready_detail(not_ready: Sequence[str]) -> str:
+    """The composing steps that are not READY (the reason is in the server log: the repository
+    index that carries it is a restricted API, contract.RESTRICTED_APIS)."""
+    if not not_ready:
+        return "; check the server log"
+    return f": step(s) not ready: {', '.join(not_ready)}; the server log says why"
 
 
 def batch_groups(prepared: Sequence, max_batch: int) -> list[list[int]]:
@@ -321,10 +321,15 @@ class ClientCore:
         if not live:
             raise ServerUnavailable("the Triton server is not live", url=self.url)
         if not (yield "is_model_ready", (self.model,)):
-            try:  # a live server whose ensemble is not ready: say which step failed rather than "not ready"
-                detail = not_ready_detail((yield "get_model_repository_index", ()))
-            except ClientError:
-                detail = "; check the server log"
+            # a live server whose ensemble is not ready: say which step failed rather than "not ready"
+            not_ready = []
+            for step in contract.ENSEMBLE.step_names:
+                try:
+                    if not (yield "is_model_ready", (step,)):
+                        not_ready.append(step)
+                except ClientError:
+                    not_ready.append(step)
+            detail = not_ready_detail(not_ready)
             raise ModelNotReady(f"model {self.model!r} is not READY{detail}", url=self.url, model=self.model)
         check_metadata((yield "get_model_metadata", (self.model,)), url=self.url, model=self.model)
         self._read_parameters((yield "get_model_config", (self.model,)))

@@ -62,6 +62,10 @@ def from_triton(exc: Exception, *, url: str, model: str) -> ClientError:
     status = str(getattr(exc, "status", lambda: "")() or "")
     if "stub process" in low and "not healthy" in low:  # a dead step: the server is down for this model
         return ServerUnavailable(f"a server step is down: {msg}", url=url, model=model)
+    if "server is stopping" in low:  # draining for a (supervised) restart: an outage, not this frame's fault
+        return ServerUnavailable(f"server is restarting: {msg}", url=url, model=model)
+    if "is not finite" in low:  # a step produced NaN/inf from valid input: the model failed, not the input
+        return InferenceFailed(msg, url=url, model=model)
     if "deadline" in low or "timed out" in low or "timeout" in low:
         return RequestTimeout(f"no answer in time: {msg}", url=url, model=model)
     if any(s in low for s in ("failed to connect", "connection refused", "unavailable", "connect failed", "socket closed",

@@ -45,7 +45,7 @@ class TritonPythonModel:
             raise RequestError(f"original_size: shape {list(sizes.shape)} does not match anomaly_map_model "
                                f"{list(maps.shape)}; expected [batch, 2] for [batch, S, S]")
         if not np.isfinite(maps).all():
-            raise RequestError("anomaly_map_model: not finite (NaN or inf), refused rather than passed on as a map")
+            raise RequestError("anomaly_map_model is not finite (NaN or inf), refused rather than passed on as a map")
         h, w = int(sizes[0][0]), int(sizes[0][1])
         if any(int(s[0]) != h or int(s[1]) != w for s in sizes):
             raise RequestError("original_size: differs inside one request")
