@@ -32,3 +32,18 @@ def pytorch_reference(run_dir, img: np.ndarray, class_id: int):
     amap = out["anomaly_map"][0].numpy().astype(np.float32)
     amap = np.asarray(Image.fromarray(amap, mode="F").resize((img.shape[1], img.shape[0]), Image.BILINEAR))
     return float(out["anomaly_score"][0, 0]), amap
+
+
+def infer_score_http(http_url: str, h: int = 48, w: int = 64):
+    """One black frame of class 0 through the raw ensemble over HTTP; returns the score array."""
+    import tritonclient.http as th
+
+    from promptmad import contract
+
+    client = th.InferenceServerClient(http_url)
+    img, cid = np.zeros((1, h, w, 3), np.uint8), np.zeros((1, 1), np.int32)
+    inputs = [th.InferInput(contract.IMAGE.name, img.shape, contract.IMAGE.dtype),
+              th.InferInput(contract.CLASS_ID.name, cid.shape, contract.CLASS_ID.dtype)]
+    inputs[0].set_data_from_numpy(img)
+    inputs[1].set_data_from_numpy(cid)
+    return client.infer(contract.MODEL_NAME, inputs).as_numpy(contract.ANOMALY_SCORE.name)

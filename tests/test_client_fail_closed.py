@@ -27,7 +27,6 @@ from promptmad.client import (
     ClientError,
     InferenceFailed,
     InvalidInput,
-    RequestTimeout,
     ServerUnavailable,
 )
 from promptmad.client.errors import ClientConfigError, from_triton

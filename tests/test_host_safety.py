@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from promptmad import contract
 from promptmad.errors import ServeError
 from promptmad.export.stale_shm import PYTHON_BACKEND_SHM_PREFIX as PREFIX
+from tests.helpers import infer_score_http
 
 
 def _fake_region(tag: str) -> Path:
@@ -44,18 +44,6 @@ def served(tiny_repository, tmp_path_factory):
         mapping.close()
         held.unlink(missing_ok=True)
         stale.unlink(missing_ok=True)
-
-
-def _infer_http(server):
-    import tritonclient.http as th
-
-    client = th.InferenceServerClient(server.http_url)
-    img, cid = np.zeros((1, 48, 64, 3), np.uint8), np.zeros((1, 1), np.int32)
-    inputs = [th.InferInput(contract.IMAGE.name, img.shape, contract.IMAGE.dtype),
-              th.InferInput(contract.CLASS_ID.name, cid.shape, contract.CLASS_ID.dtype)]
-    inputs[0].set_data_from_numpy(img)
-    inputs[1].set_data_from_numpy(cid)
-    return client.infer(contract.MODEL_NAME, inputs).as_numpy(contract.ANOMALY_SCORE.name)
 
 
 # -- item 8: /dev/shm -------------------------------------------------------------------------------
@@ -107,7 +95,7 @@ def test_inference_health_and_metadata_stay_open(served):
     import tritonclient.grpc as tg
 
     server = served["server"]
-    assert np.isfinite(_infer_http(server)).all()
+    assert np.isfinite(infer_score_http(server.http_url)).all()
     client = tg.InferenceServerClient(server.grpc_url)
     assert client.is_server_ready() and client.get_model_metadata(contract.MODEL_NAME).name == contract.MODEL_NAME
 
@@ -140,7 +128,7 @@ def test_verification_refuses_a_file_the_manifest_does_not_list(tiny_repository,
 
 
 def test_serving_writes_no_bytecode_cache_into_the_repository(served):
-    _infer_http(served["server"])  # every Python step has imported its model.py by now
+    infer_score_http(served["server"].http_url)  # every Python step has imported its model.py by now
     caches = [p.relative_to(served["repo"]) for p in served["repo"].rglob("__pycache__")]
     assert caches == []
     from promptmad.export.manifest import verify_repository_checksums

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from promptmad import contract
+from tests.helpers import infer_score_http
 
 RECOVERY_S = 120  # restart on the shared 2-core machine, generous
 
@@ -24,18 +25,6 @@ def _copy(tiny_repository, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo, ignore=shutil.ignore_patterns("__pycache__"))
     return repo
-
-
-def _infer(http_url: str):
-    import tritonclient.http as th
-
-    client = th.InferenceServerClient(http_url)
-    img, cid = np.zeros((1, 40, 56, 3), np.uint8), np.zeros((1, 1), np.int32)
-    inputs = [th.InferInput(contract.IMAGE.name, img.shape, contract.IMAGE.dtype),
-              th.InferInput(contract.CLASS_ID.name, cid.shape, contract.CLASS_ID.dtype)]
-    inputs[0].set_data_from_numpy(img)
-    inputs[1].set_data_from_numpy(cid)
-    return client.infer(contract.MODEL_NAME, inputs).as_numpy(contract.ANOMALY_SCORE.name)
 
 
 def _kill_stub(server_pid: int, step: str) -> int:
@@ -50,7 +39,7 @@ def _until_inference_works(http_url: str, deadline: float):
     last = None
     while time.monotonic() < deadline:
         try:
-            return _infer(http_url)
+            return infer_score_http(http_url)
         except Exception as exc:  # unreachable while it restarts, or the dead step's error
             last = exc
             time.sleep(1)
@@ -69,7 +58,7 @@ def test_supervisor_restarts_the_server_when_a_step_dies(tiny_repository, tmp_pa
         _kill_stub(server.pid, contract.PREPROCESS.name)
         time.sleep(0.5)
         with pytest.raises(Exception, match="not healthy|Stub"):  # the outage Triton itself hides
-            _infer(server.http_url)
+            infer_score_http(server.http_url)
         event = supervisor.check()
         assert event and contract.PREPROCESS.name in event and "restarted" in event
         assert (server.http_port, server.grpc_port) == ports and server.is_ready()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
