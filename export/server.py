@@ -31,7 +31,7 @@ from pathlib import Path
 
 from promptmad import contract
 from promptmad.errors import ServeError
-from promptmad.export.snapshot import snapshot_repository
+from promptmad.export.snapshot import make_workdir, snapshot_repository
 from promptmad.export.stale_shm import free_stale_regions
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class TritonServer:
         """A private folder for this start: the stubs' working directory (it is on their sys.path,
         so it must hold nothing), and in model control mode none the snapshot Triton loads (the
         other modes watch or load from the repository itself)."""
-        self._workdir = Path(tempfile.mkdtemp(prefix="promptmad-serve-"))
+        self._workdir = make_workdir()
         (self._workdir / "cwd").mkdir()
         self.served_repository = self.repository
         if self.model_control_mode == "none":

@@ -34,3 +34,33 @@ def snapshot_repository(repo: Path, dest: Path) -> Path:
         raise ServeError(f"{repo}: cannot snapshot the repository for serving into {dest} ({exc}); free space in "
                          f"{dest.parent} or set TMPDIR") from exc
     return dest
+
+
+WORKDIR_PREFIX = "promptmad-serve-"
+_OWNER = "owner.pid"
+
+
+def make_workdir() -> Path:
+    """A fresh private folder for one server start, marked with the pid that owns it; folders of
+    owners that died without stopping their server (kill -9) are removed first."""
+    import tempfile
+
+    remove_stale_workdirs(Path(tempfile.gettempdir()))
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    (workdir / _OWNER).write_text(str(os.getpid()))
+    return workdir
+
+
+def remove_stale_workdirs(tmp: Path) -> list[Path]:
+    """Removes `tmp/promptmad-serve-*` folders whose owner process no longer exists; a folder
+    without an owner file (being created right now, or not ours) is left alone."""
+    removed = []
+    for d in tmp.glob(WORKDIR_PREFIX + "*"):
+        try:
+            pid = int((d / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed

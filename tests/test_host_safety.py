@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -158,3 +159,19 @@ def test_manifest_sha256_is_recomputable_from_the_written_repository(served):
         params = client.get_model_config(ensemble.name)["parameters"]
         assert params[contract.PARAM_MANIFEST_SHA256]["string_value"] == expected, ensemble.name
     assert json.loads((repo / "manifest.json").read_text())["manifest_sha256"] == expected
+
+
+def test_a_killed_servers_snapshot_folder_is_removed_and_a_live_ones_kept(tmp_path):
+    import subprocess
+
+    from promptmad.export.snapshot import WORKDIR_PREFIX, remove_stale_workdirs
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no process any more
+    folders = {name: tmp_path / f"{WORKDIR_PREFIX}{name}" for name in ("dead", "live", "unowned")}
+    for d in folders.values():
+        (d / "repository").mkdir(parents=True)
+    (folders["dead"] / "owner.pid").write_text(str(dead.pid))
+    (folders["live"] / "owner.pid").write_text(str(os.getpid()))
+    assert remove_stale_workdirs(tmp_path) == [folders["dead"]]
+    assert not folders["dead"].exists() and folders["live"].exists() and folders["unowned"].exists()
