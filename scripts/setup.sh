@@ -19,6 +19,19 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# checkov (tests/test_deploy.py scans deploy/) pins many dependencies (protobuf, ...) that would clash
+# with ours: it lives in its own venv, .venv-tools/checkov, and the tests run it as a subprocess.
+CHECKOV_VERSION=3.3.30
+tools_stamp=".venv-tools/checkov/.installed-checkov-$CHECKOV_VERSION"
+if [ ! -f "$tools_stamp" ]; then
+  echo "[setup] installing checkov $CHECKOV_VERSION into .venv-tools/checkov (its own venv)"
+  [ -x .venv-tools/checkov/bin/python ] || "$PYTHON" -m venv .venv-tools/checkov
+  .venv-tools/checkov/bin/python -m pip install -q --upgrade pip
+  .venv-tools/checkov/bin/python -m pip install -q "checkov==$CHECKOV_VERSION"
+  rm -f .venv-tools/checkov/.installed-checkov-*
+  touch "$tools_stamp"
+fi
+
 # perf_analyzer (bundled in the tritonclient 2.51.0 wheel) links Debian's libb64.
 have_libb64() {
   for d in /usr/lib/x86_64-linux-gnu /lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/lib/aarch64-linux-gnu; do
