@@ -58,3 +58,23 @@ def triton_server(tiny_repository):
 
     with TritonServer(tiny_repository) as server:  # free ports, 127.0.0.1, waits for readiness
         yield server
+
+
+@pytest.fixture(scope="module")
+def http(triton_server):
+    """A tritonclient HTTP client of the session's server."""
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(triton_server.http_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def grpc(triton_server):
+    """A tritonclient gRPC client of the session's server."""
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    yield c
+    c.close()

@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW, ENCODED = contract.MODEL_NAME, contract.ENCODED_MODEL_NAME
 
 
-@pytest.fixture(scope="module")
-def http(triton_server):
-    c = httpclient.InferenceServerClient(triton_server.http_url)
-    yield c
-    c.close()
-
-
 def _send(http, model, tensors):
     inputs = []
     for name, arr, dtype in tensors:

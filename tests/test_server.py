@@ -36,20 +36,6 @@ def _infer(client, mod, img, cid, model=contract.MODEL_NAME):
     return res.as_numpy(contract.ANOMALY_SCORE.name), res.as_numpy(contract.ANOMALY_MAP.name)
 
 
-@pytest.fixture(scope="module")
-def http(triton_server):
-    c = httpclient.InferenceServerClient(triton_server.http_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def grpc(triton_server):
-    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    yield c
-    c.close()
-
-
 def test_every_model_ready(http, triton_server, tiny_repository):
     # the repository index is a restricted API (contract.RESTRICTED_APIS): it needs the admin key
     index = {m["name"]: m.get("state")
