@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 SPLIT_VERSION = 1  # bump when the unseen generator changes: the cached split is rebuilt
 PEER_SHOTS = {"peer-full": None, "peer-k1": 1, "peer-k2": 2, "peer-k4": 4}  # None: every normal training image
-SYSTEMS = ("promptmad", *PEER_SHOTS)
+# promptmad's map and each of its two terms alone: the segmentor's probability (what the map was
+# before the deviation term) and the deviation in normal standard deviations
+TERMS = {"promptmad": "map", "promptmad-seg": "segmentor", "promptmad-dev": "deviation"}
+SYSTEMS = (*TERMS, *PEER_SHOTS)
 REPORTED = ("I-AUROC", "P-AUROC", "P-AP", "AUPRO")
 SEEN, UNSEEN = "seen-like (pasted)", "unseen"
 _BATCH = 8
@@ -91,13 +94,24 @@ def _load(samples: Sequence, size: int) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def _promptmad(model, class_id: int, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    maps, scores = [], []
+def term_maps(model, class_id: int, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """{"map", "segmentor", "deviation"}: [N, S, S] maps of the frames, the served map and its terms."""
+    out: dict[str, list] = {k: [] for k in TERMS.values()}
     for chunk in torch.from_numpy(frames).split(_BATCH):
-        pred = model.predict(chunk, torch.full((len(chunk),), class_id, dtype=torch.long))
-        maps.append(pred["anomaly_map"].numpy())
-        scores.append(pred["anomaly_score"][:, 0].numpy())
-    return np.concatenate(maps), np.concatenate(scores)
+        ids = torch.full((len(chunk),), class_id, dtype=torch.long)
+        f4, f8, f16 = model.encoder(chunk)
+        recon, text = model.forward_features(f16, ids)
+        prob, units = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
+        out["segmentor"].append(prob.numpy())
+        out["deviation"].append(units.numpy())
+        out["map"].append((units + model.cfg.seg_weight * prob).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _promptmad(model, class_id: int, frames: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{system: (maps, image scores = max of the map)} of promptmad and its terms."""
+    maps = term_maps(model, class_id, frames)
+    return {system: (maps[t], maps[t].reshape(len(frames), -1).max(1)) for system, t in TERMS.items()}
 
 
 def kshot_indices(n: int, k: int | None, seed: int, cls: str) -> np.ndarray:
@@ -178,7 +192,8 @@ def score_run(run: str | Path, data, split: Path, classes: Sequence[str] | None,
         samples += [s for s in load_samples(split, split="test", classes=[cls]) if s.label]
         test = _load(samples, info.arch.image_size)
         t0 = time.perf_counter()
-        per_class["promptmad"][cls] = per_kind(test, *_promptmad(model, info.class_id(cls), test["frames"]))
+        for system, (maps, scores) in _promptmad(model, info.class_id(cls), test["frames"]).items():
+            per_class[system][cls] = per_kind(test, maps, scores)
         t1 = time.perf_counter()
         for v, rows in _score_peers(model.encoder, cls, data, test, seed, cache).items():
             per_class[v][cls] = rows

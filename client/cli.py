@@ -67,7 +67,8 @@ def _score(args) -> int:
                 n_bad += 1
                 if n_overlay < args.overlays:
                     _overlay(out / "overlays" / (str(r.frame_id).replace("/", "_").rsplit(".", 1)[0] + ".png"),
-                             originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > threshold {r.threshold:.3g}")
+                             originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > threshold {r.threshold:.3g}",
+                             r.threshold)
                     n_overlay += 1
     p50 = 1000 * float(np.median(latencies)) if latencies else float("nan")
     print(f"{n} frames: {n_bad} fail, {n - n_bad - n_err} pass, {n_err} errors; median latency {p50:.0f} ms\n"
@@ -75,11 +76,11 @@ def _score(args) -> int:
     return 0 if n_err == 0 else 1
 
 
-def _overlay(path, frame, amap, title):
+def _overlay(path, frame, amap, title, threshold):
     import numpy as np
     from PIL import Image
 
     from promptmad.overlay import save_overlay
 
     img = frame if isinstance(frame, np.ndarray) else np.asarray(Image.open(frame).convert("RGB"))
-    save_overlay(path, img, amap, title=title)
+    save_overlay(path, img, amap, title=title, threshold=threshold)

@@ -30,6 +30,7 @@ from promptmad.export.onnx_export import (
     check_ops,
     check_parity as run_parity_check,
     export_graph,
+    prompt_tables,
     reference_outputs,
     step_tensor_shapes,
     tensorrt_op_table,
@@ -113,14 +114,14 @@ def _build_engines(onnx_paths: dict[str, Path], staging: Path, shapes: dict[str,
                    reference: dict[str, np.ndarray], *, max_batch: int, fp16: bool) -> tuple[dict[str, Path], dict[str, str]]:
     """TensorRT engine of every graph, each compared with ONNX Runtime; returns the plans and the
     TensorRT/GPU description for the manifest."""
-    from promptmad.export.tensorrt import build_engine, compare_engine, tensorrt_info
+    from promptmad.export.tensorrt import FP16_STEPS, build_engine, compare_engine, tensorrt_info
 
     cache = staging / "timing.cache"  # shared by the engines: faster rebuilds
     plans = {}
     for step, path in onnx_paths.items():
         names = contract.STEPS[step].input_names
         plans[step] = build_engine(path, staging / f"{step}.plan", input_shapes={n: shapes[n] for n in names},
-                                   max_batch=max_batch, fp16=fp16, timing_cache=cache)
+                                   max_batch=max_batch, fp16=fp16 and step in FP16_STEPS, timing_cache=cache)
         compare_engine(plans[step], path, [{n: reference[n] for n in names}])
     return plans, tensorrt_info()
 
@@ -171,11 +172,9 @@ def export_run(
     model, info = load_model(run_dir)
     model.eval()
     size = model.cfg.image_size
-    with torch.no_grad():
-        text_table = model.text_table.numpy().astype(np.float32)
-        prompt_table = model.prompt_tokens().numpy().astype(np.float32)
+    tables = prompt_tables(model)
     frames, ids = parity_frames(info, data, size) if data is not None else _prompt_images(run_dir, info, size)
-    reference = reference_outputs(model, frames, ids, prompt_table, text_table)
+    reference = reference_outputs(model, frames, ids, tables)
     spec = RepositorySpec(runtime=runtime, class_names=tuple(info.classes), thresholds=info.thresholds, image_size=size,
                           tensor_shapes=step_tensor_shapes(model), max_batch=max_batch,
                           instance_count=instance_count, ort_threads=ort_threads)
@@ -187,7 +186,7 @@ def export_run(
         if runtime == "tensorrt":
             artifacts, trt_meta = _build_engines(onnx_paths, staging, spec.tensor_shapes, reference, max_batch=max_batch, fp16=fp16)
         manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity, trt_meta=trt_meta)
-        repo = write_repository(out_dir, spec, artifacts=artifacts, text_table=text_table, prompt_table=prompt_table, manifest=manifest)
+        repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -199,14 +199,18 @@ def build_configs(spec: RepositorySpec, manifest_sha256: str) -> dict[str, objec
     return configs
 
 
-def _check_inputs(spec: RepositorySpec, artifacts: dict[str, Path], text_table: np.ndarray, prompt_table: np.ndarray) -> None:
+def _check_inputs(spec: RepositorySpec, artifacts: dict[str, Path], tables: dict[str, np.ndarray]) -> None:
     if spec.runtime not in contract.RUNTIMES:
         raise ExportError(f"runtime {spec.runtime!r}: choose one of {', '.join(contract.RUNTIMES)}")
     missing = [s for s in ENGINE_STEPS if s not in artifacts]
     if missing:
         raise ExportError(f"no exported graph for {missing}")
-    if text_table.shape[0] != len(spec.class_names) or prompt_table.shape[0] != len(spec.class_names):
-        raise ExportError("text/prompt tables and class_names disagree on the number of classes")
+    missing = sorted(set(contract.PROMPT_BANK_TABLES.values()) - set(tables))
+    if missing:
+        raise ExportError(f"no prompt_bank table {missing[0]}")
+    wrong = [f for f, t in tables.items() if t.shape[0] != len(spec.class_names)]
+    if wrong:
+        raise ExportError(f"prompt_bank table {wrong[0]} has {tables[wrong[0]].shape[0]} rows for {len(spec.class_names)} classes")
 
 
 def _copy_engine(stage: Path, step: str, artifact: Path, runtime: str) -> None:
@@ -262,13 +266,12 @@ def _make_stage(out_dir: Path) -> Path:
 
 
 def write_repository(out_dir: str | Path, spec: RepositorySpec, *, artifacts: dict[str, Path],
-                     text_table: np.ndarray, prompt_table: np.ndarray, manifest: dict) -> Path:
+                     tables: dict[str, np.ndarray], manifest: dict) -> Path:
     """Writes a complete repository at `out_dir` (atomically replacing an existing one) and
     returns its path. `out_dir` may be the source `model_repository/` folder itself."""
     out_dir = Path(out_dir).resolve()
-    _check_inputs(spec, artifacts, text_table, prompt_table)
+    _check_inputs(spec, artifacts, tables)
     configs = build_configs(spec, manifest_sha256="")  # the ensembles get the digest once sealed
-    tables = {contract.TEXT_TABLE_FILE: text_table, contract.PROMPT_TABLE_FILE: prompt_table}
     stage = _make_stage(out_dir)
     try:
         _fill_stage(stage, configs, spec, artifacts, tables)
@@ -318,7 +321,7 @@ def validate_repository(path: str | Path) -> None:
         version = path / step / "1"
         if not any((version / f).is_file() for f in (contract.ONNX_FILE, contract.PLAN_FILE)):
             raise ServeError(f"{version}: no {contract.ONNX_FILE} or {contract.PLAN_FILE}; re-run `promptmad export`")
-    for f in (contract.TEXT_TABLE_FILE, contract.PROMPT_TABLE_FILE):
+    for f in contract.PROMPT_BANK_TABLES.values():
         table = path / contract.PROMPT_BANK.name / "1" / f
         if not table.is_file():
             raise ServeError(f"{table}: missing; re-run `promptmad export`")

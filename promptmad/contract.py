@@ -9,7 +9,8 @@ expectations against it, so a rename here (or anywhere else) fails a test instea
 
 Shapes are per item (batch dimension excluded) and symbolic where they depend on the architecture:
 `S` image size, `S/4`, `S/8`, `G` = S/16 (token grid side), `N` = G*G tokens, `C4`/`C8`/`C16` the
-encoder's channels at strides 4/8/16, `H` the reconstructor width, `D` the text embedding width.
+encoder's channels at strides 4/8/16, `H` the reconstructor width, `D` the text embedding width,
+`K` the rows of a class's normal patch bank and `P` their width.
 -1 is a dimension that varies per request. `resolve_dims` turns symbols into numbers.
 """
 
@@ -82,10 +83,13 @@ FRAME = Tensor("frame", "UINT8", ("S", "S", 3))  # resized frame, NHWC, the enco
 ORIGINAL_SIZE = Tensor("original_size", "INT32", (2,))  # (H, W) of the frame as sent
 TEXT_EMBEDDING = Tensor("text_embedding", "FP32", (2, "D"))  # (normal, anomalous) prompt-ensemble means
 PROMPT_TOKENS = Tensor("prompt_tokens", "FP32", ("N", "H"))  # the class's normal-image prompt tokens
+NORMAL_BANK = Tensor("normal_bank", "FP32", ("K", "P"))  # the class's normal patch features (a coreset)
+NORMAL_STATS = Tensor("normal_stats", "FP32", (2,))  # (mean, std) of its distance map on held-out normal images
 FEAT4 = Tensor("feat4", "FP32", ("C4", "S/4", "S/4"))
 FEAT8 = Tensor("feat8", "FP32", ("C8", "S/8", "S/8"))
 FEAT16 = Tensor("feat16", "FP32", ("C16", "G", "G"))
 RECON16 = Tensor("recon16", "FP32", ("C16", "G", "G"))  # reconstructed normal features
+# maps in normal standard deviations (deviation + seg_weight * segmentor probability); score = max
 ANOMALY_MAP_MODEL = Tensor("anomaly_map_model", "FP32", ("S", "S"))  # map at model resolution
 ANOMALY_SCORE = Tensor("anomaly_score", "FP32", (1,))
 ANOMALY_MAP = Tensor("anomaly_map", "FP32", (-1, -1))  # map at the frame's own H x W
@@ -112,10 +116,11 @@ class Step:
 
 PREPROCESS = Step("preprocess", (IMAGE,), (FRAME, ORIGINAL_SIZE))
 PREPROCESS_ENCODED = Step("preprocess_encoded", (IMAGE_BYTES,), (FRAME, ORIGINAL_SIZE))
-PROMPT_BANK = Step("prompt_bank", (CLASS_ID,), (TEXT_EMBEDDING, PROMPT_TOKENS))
+PROMPT_BANK = Step("prompt_bank", (CLASS_ID,), (TEXT_EMBEDDING, PROMPT_TOKENS, NORMAL_BANK, NORMAL_STATS))
 VISUAL_ENCODER = Step("visual_encoder", (FRAME,), (FEAT4, FEAT8, FEAT16), engine=True)
 RECONSTRUCTOR = Step("reconstructor", (FEAT16, PROMPT_TOKENS, TEXT_EMBEDDING), (RECON16,), engine=True)
-SEGMENTOR = Step("segmentor", (FEAT4, FEAT8, FEAT16, RECON16, TEXT_EMBEDDING), (ANOMALY_MAP_MODEL, ANOMALY_SCORE), engine=True)
+SEGMENTOR = Step("segmentor", (FEAT4, FEAT8, FEAT16, RECON16, TEXT_EMBEDDING, NORMAL_BANK, NORMAL_STATS),
+                 (ANOMALY_MAP_MODEL, ANOMALY_SCORE), engine=True)
 POSTPROCESS = Step("postprocess", (ANOMALY_MAP_MODEL, ORIGINAL_SIZE), (ANOMALY_MAP,))
 
 
@@ -151,6 +156,11 @@ ONNX_FILE = "model.onnx"  # engine steps, runtimes python-ort and onnxruntime
 PLAN_FILE = "model.plan"  # engine steps, runtime tensorrt
 TEXT_TABLE_FILE = "text_table.npy"  # prompt_bank: [classes, 2, D]
 PROMPT_TABLE_FILE = "prompt_table.npy"  # prompt_bank: [classes, N, H]
+BANK_TABLE_FILE = "normal_bank.npy"  # prompt_bank: [classes, K, P]
+STATS_TABLE_FILE = "normal_stats.npy"  # prompt_bank: [classes, 2]
+# prompt_bank's outputs and the per-class table (row = class_id) each one is read from
+PROMPT_BANK_TABLES = {TEXT_EMBEDDING.name: TEXT_TABLE_FILE, PROMPT_TOKENS.name: PROMPT_TABLE_FILE,
+                      NORMAL_BANK.name: BANK_TABLE_FILE, NORMAL_STATS.name: STATS_TABLE_FILE}
 
 # Parameters of the `promptmad` ensemble's config that clients read (values are strings; JSON where noted).
 PARAM_CLASS_NAMES = "class_names"  # JSON list, index = class_id
@@ -167,7 +177,7 @@ PARAM_ENCODED_FORMATS = "encoded_formats"  # preprocess: JSON list, ENCODED_FORM
 
 
 def resolve_dims(dims: tuple[Dim, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
-    """Numbers for symbolic dims. `sizes` gives S, C4, C8, C16, H and D; S/4, S/8, G and N follow
+    """Numbers for symbolic dims. `sizes` gives S, C4, C8, C16, H, D, K and P; S/4, S/8, G and N follow
     from S. A symbol that cannot be resolved raises KeyError naming it."""
     known = dict(sizes)
     if "S" in known:

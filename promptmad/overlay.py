@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 
 
-def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, *, mask: np.ndarray | None = None, title: str = "") -> Path:
+def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, *, mask: np.ndarray | None = None, title: str = "",
+                 threshold: float | None = None) -> Path:
+    """The map is in normal standard deviations: the heat scale runs from 0 to twice the class's
+    threshold (the threshold is the middle of the colour bar), or to the map's max without one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +24,8 @@ def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, *, mask: np.nd
         else:
             ax.imshow(data)
             if kind == "heat":
-                ax.imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                top = 2 * threshold if threshold and np.isfinite(threshold) and threshold > 0 else max(float(np.nanmax(amap)), 1.0)
+                ax.imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=top)
         ax.set_title(name)
         ax.axis("off")
     if title:

@@ -19,21 +19,22 @@ from promptmad.export.onnx_export import (
     check_parity,
     export_graph,
     graph_ops,
+    prompt_tables,
     reference_outputs,
     step_tensor_shapes,
     tensorrt_op_table,
 )
-from tests.test_model import tiny_model
+from tests.test_model import _with_banks, tiny_model
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     m = tiny_model()
-    frames = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    _with_banks(m, [torch.from_numpy(rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)) for _ in range(3)])
+    frames = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     ids = np.array([0, 1, 2])
-    with torch.no_grad():
-        prompt_table = m.prompt_tokens().numpy()
-    ref = reference_outputs(m, frames, ids, prompt_table, m.text_table.numpy())
+    ref = reference_outputs(m, frames, ids, prompt_tables(m))
     d = tmp_path_factory.mktemp("onnx")
     paths = {step: export_graph(m, step, d / f"{step}.onnx", ref) for step in contract.ENGINE_STEPS}
     return m, ref, paths
@@ -123,6 +124,28 @@ def test_mixed_fp16_keeps_fragile_ops_in_fp32_and_stays_accurate(exported, tmp_p
     got = sess.run(None, {n: ref[n] for n in contract.RECONSTRUCTOR.input_names})[0]
     err = np.abs(got - ref["recon16"]).max()
     assert err < trt_mod.TRT_TOLERANCES["default"][0] + trt_mod.TRT_TOLERANCES["default"][1] * np.abs(ref["recon16"]).max()
+
+
+@pytest.mark.parametrize("step", ["visual_encoder", "reconstructor", "segmentor"])
+def test_fp16_engines_only_where_the_mixed_graph_holds(exported, tmp_path, step):
+    """FP16_STEPS are exactly the steps whose mixed-FP16 graph loads and matches FP32 within the
+    engine tolerance; the others are built FP32 (see tensorrt.FP16_STEPS)."""
+    import onnxruntime as ort
+
+    _, ref, paths = exported
+    if step == "segmentor":  # FP32 whatever the converter does: the deviation distance needs it
+        assert step not in trt_mod.FP16_STEPS
+        return
+    out = trt_mod.convert_to_mixed_fp16(paths[step], tmp_path / f"{step}.fp16.onnx")
+    try:
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    except Exception:
+        assert step not in trt_mod.FP16_STEPS, f"{step}: its FP16 graph does not load, yet it is built FP16"
+        return
+    assert step in trt_mod.FP16_STEPS, f"{step}: its FP16 graph now holds; add it to FP16_STEPS"
+    atol, rtol = trt_mod.TRT_TOLERANCES["default"]
+    for name, got in zip(contract.STEPS[step].output_names, sess.run(None, {n: ref[n] for n in contract.STEPS[step].input_names})):
+        assert np.abs(got - ref[name]).max() < atol + rtol * np.abs(ref[name]).max(), name
 
 
 def test_engine_build_path_with_tensorrt_mocked(exported, tmp_path, monkeypatch):

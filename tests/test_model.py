@@ -64,16 +64,58 @@ def test_beta_schedule_is_linear():
     assert linear_beta_schedule(0, 0.02, 0.35).tolist() == [1.0]
 
 
-def test_predict_shapes_range_and_determinism():
+def test_predict_shapes_units_and_determinism():
     m = tiny_model()
     frames = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8)
     ids = torch.tensor([0, 1, 2])
     a = m.predict(frames, ids)
     b = m.predict(frames, ids)
     assert a["anomaly_map"].shape == (3, 64, 64) and a["anomaly_score"].shape == (3, 1)
-    assert torch.equal(a["anomaly_map"], b["anomaly_map"])  # no noise at inference
-    assert float(a["anomaly_map"].min()) >= 0 and float(a["anomaly_map"].max()) <= 1
+    assert torch.equal(a["anomaly_map"], b["anomaly_map"])  # the diffusion's noise is a fixed draw
+    assert torch.isfinite(a["anomaly_map"]).all()
     assert torch.allclose(a["anomaly_score"][:, 0], a["anomaly_map"].flatten(1).amax(1))
+
+
+def _with_banks(m, frames_per_class):
+    for cid, frames in enumerate(frames_per_class):
+        m.set_normal_bank(cid, frames[:-2], held_out=frames[-2:])
+    return m
+
+
+def test_map_is_deviation_in_normal_units_plus_weighted_segmentor():
+    """map = (distance - mean) / std + seg_weight * probability, with (mean, std) of the held-out
+    normal frames' distance maps: on those frames the deviation has mean 0 and std 1."""
+    m = tiny_model()
+    normals = [torch.randint(0, 255, (6, 64, 64, 3), dtype=torch.uint8) for _ in range(3)]
+    _with_banks(m, normals)
+    f4, f8, f16 = m.encoder(normals[1][-2:])
+    ids = torch.tensor([1, 1])
+    with torch.no_grad():
+        recon, text = m.forward_features(f16, ids)
+    with torch.no_grad():
+        prob, units = m.segmentor.maps(f4, f8, f16, recon, text, *m.class_prompts(ids))
+    assert abs(float(units.mean())) < 1e-4 and abs(float(units.std()) - 1) < 1e-3
+    amap = m.predict(normals[1][-2:], ids)["anomaly_map"]
+    assert torch.allclose(amap, units + m.cfg.seg_weight * prob, atol=1e-5)
+    assert m.cfg.seg_weight > 0 and 0 <= float(prob.min()) and float(prob.max()) <= 1
+
+
+def test_deviation_is_zero_on_its_own_bank_and_grows_off_it():
+    """Frames whose every patch is in the bank are at distance 0; a frame from elsewhere is farther.
+    The bank keeps its static size: fewer patches than rows are repeated, more are a coreset."""
+    from promptmad.training.deviation import build_bank
+
+    m = tiny_model()
+    bank_frames = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)  # 2 x 64 patches < 256 rows
+    m.set_normal_bank(0, bank_frames)
+    f = m.encoder(bank_frames)
+    own = m.segmentor.deviation_map(*f, m.normal_bank[[0, 0]])
+    other = m.segmentor.deviation_map(*m.encoder(torch.full((1, 64, 64, 3), 128, dtype=torch.uint8)), m.normal_bank[[0]])
+    # 0 up to the float32 rounding of |q|^2 - 2 q.b + |b|^2 (the form a static graph computes)
+    assert float(own.abs().max()) < 0.1 * float(other.min())
+    emb = torch.randn(1000, 8)
+    assert build_bank(emb, 256).shape == (256, 8) and build_bank(emb[:10], 256).shape == (256, 8)
+    assert torch.equal(torch.unique(build_bank(emb[:10], 256), dim=0), torch.unique(emb[:10], dim=0))
 
 
 class _ScriptedDenoiser(torch.nn.Module):
@@ -91,30 +133,39 @@ class _ScriptedDenoiser(torch.nn.Module):
         return torch.full_like(x_t, self.logits[t])
 
 
-def test_refinement_runs_the_ddim_steps():
-    """refine() starts at sqrt(alpha_bar_T) * (2 sigmoid(coarse) - 1), calls the denoiser at t = T..1 and
-    moves x_t by the deterministic DDIM update; the map is the last step's prediction. Skipping the
-    refinement or getting one update wrong fails here."""
+def test_refinement_runs_the_ddim_steps_from_a_noised_start():
+    """refine() starts where training's noising puts the coarse mask at t = T,
+    sqrt(abar_T) (2 sigmoid(coarse) - 1) + sqrt(1 - abar_T) eps with eps the fixed start noise, calls the
+    denoiser at t = T..1 and moves x_t by the deterministic DDIM update; the map is the last step's
+    prediction. A noise-free start (the old mismatch) or one wrong update fails here."""
     m = tiny_model()
     seg, steps = m.segmentor, m.cfg.diffusion_steps
     rng = np.random.default_rng(0)
     scripted = {t: float(rng.uniform(-3, 3)) for t in range(1, steps + 1)}
     seg.denoiser = _ScriptedDenoiser(scripted)
-    coarse = torch.full((1, 1, 4, 4), 0.7)
-    out = seg.refine(coarse, torch.zeros(1, 2, 4, 4), torch.zeros(1, 2))
+    side = m.cfg.image_size // 4
+    coarse = torch.full((1, 1, side, side), 0.7)
+    out = seg.refine(coarse, torch.zeros(1, 2, side, side), torch.zeros(1, 2))
     ab = linear_beta_schedule(steps, m.cfg.beta_start, m.cfg.beta_end).double().numpy()
-    x = np.sqrt(ab[steps]) * np.tanh(0.35)
+    eps0 = seg.start_noise.double().numpy()
+    assert eps0.std() > 0.5  # a real noise draw
+    x = np.sqrt(ab[steps]) * np.tanh(0.35) + np.sqrt(1 - ab[steps]) * eps0
     assert [t for t, _ in seg.denoiser.calls] == list(range(steps, 0, -1))
     for t, x_t in seg.denoiser.calls:
-        assert torch.allclose(x_t, torch.full_like(x_t, x), atol=1e-5), t
+        np.testing.assert_allclose(x_t.double().numpy(), x, atol=1e-5, err_msg=f"t={t}")
         x0 = np.tanh(scripted[t] / 2)
         eps = (x - np.sqrt(ab[t]) * x0) / np.sqrt(1 - ab[t])
         x = np.sqrt(ab[t - 1]) * x0 + np.sqrt(1 - ab[t - 1]) * eps
     assert torch.allclose(out, torch.full_like(out, scripted[1]))
-    # predict() goes through the refinement: a denoiser sure of an anomaly everywhere gives a uniform map
+    # the start noise is a fixed draw: every model of an architecture has the same one (export is static)
+    assert torch.equal(tiny_model().segmentor.start_noise, seg.start_noise)
+    # the map goes through the refinement: a denoiser sure of an anomaly everywhere gives a uniform probability
     seg.denoiser = _ScriptedDenoiser(dict.fromkeys(range(1, steps + 1), 4.0))
-    amap = m.predict(torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8), torch.tensor([0]))["anomaly_map"]
-    assert torch.allclose(amap, torch.full_like(amap, float(torch.sigmoid(torch.tensor(4.0)))), atol=1e-5)
+    frames, ids = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8), torch.tensor([0])
+    f4, f8, f16 = m.encoder(frames)
+    recon, text = m.forward_features(f16, ids)
+    prob, _ = seg.maps(f4, f8, f16, recon, text, *m.class_prompts(ids))
+    assert torch.allclose(prob, torch.full_like(prob, float(torch.sigmoid(torch.tensor(4.0)))), atol=1e-5)
 
 
 def test_no_diffusion_builds_no_denoiser_and_loads_old_checkpoints(tmp_path):

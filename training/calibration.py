@@ -1,7 +1,9 @@
-"""Calibration: per-class score thresholds from normal training images held out of training."""
+"""Calibration: per-class normal banks, their units and score thresholds, from the normal training
+images (the bank) and the ones held out of training (the units and the thresholds)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -9,8 +11,9 @@ import torch
 
 from promptmad.contract import DEFAULT_THRESHOLD
 
-METHOD = "max(mean+3std, max) of held-out normal train images"
-_MAX_THRESHOLD = 0.999  # a threshold of 1 would never fire
+log = logging.getLogger(__name__)
+
+METHOD = "max(mean+3std, max) of held-out normal train images; map in normal standard deviations"
 
 
 def split_calibration(samples: Sequence, fraction: float) -> tuple[list, list]:
@@ -30,15 +33,33 @@ def split_calibration(samples: Sequence, fraction: float) -> tuple[list, list]:
     return train, calib
 
 
+def _frames(samples, image_size: int) -> torch.Tensor:
+    from promptmad.training.data.datasets import read_rgb, resize_rgb
+
+    return torch.from_numpy(np.stack([resize_rgb(read_rgb(s.image), image_size) for s in samples]))
+
+
+@torch.no_grad()
+def fit_normal_banks(model, train: Sequence, calib: Sequence, class_to_id: dict[str, int], image_size: int, device) -> None:
+    """Every class's bank of normal patch features from its training images, in units of its held-out
+    images' variation (model.set_normal_bank). Runs after training: the bank is not learned, and
+    building it from the final encoder is all it needs."""
+    for name, cid in class_to_id.items():
+        normal = [s for s in train if s.class_name == name]
+        held = [s for s in calib if s.class_name == name]
+        if not held:
+            log.warning("class %s: no held-out normal images; its map units come from its training images and "
+                        "read high (raise --calibration-fraction)", name)
+        model.set_normal_bank(cid, _frames(normal, image_size).to(device), _frames(held, image_size).to(device) if held else None)
+
+
 @torch.no_grad()
 def _scores(model, samples, class_to_id: dict[str, int], image_size: int, device, batch_size: int) -> dict[str, list[float]]:
     """Image scores of `samples`, per class."""
-    from promptmad.training.data.datasets import read_rgb, resize_rgb
-
     scores: dict[str, list[float]] = {}
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        frames = torch.from_numpy(np.stack([resize_rgb(read_rgb(s.image), image_size) for s in chunk])).to(device)
+        frames = _frames(chunk, image_size).to(device)
         ids = torch.tensor([class_to_id[s.class_name] for s in chunk], device=device)
         out = model.predict(frames, ids)["anomaly_score"][:, 0].float().cpu().numpy()
         for s, v in zip(chunk, out):
@@ -57,5 +78,5 @@ def calibrate(model, samples, class_to_id: dict[str, int], image_size: int, devi
         if vals.size == 0:
             thresholds[name] = DEFAULT_THRESHOLD
             continue
-        thresholds[name] = min(float(max(vals.max(), vals.mean() + 3 * vals.std())), _MAX_THRESHOLD)
+        thresholds[name] = float(max(vals.max(), vals.mean() + 3 * vals.std()))
     return {"method": METHOD, "thresholds": thresholds, "scores": scores}

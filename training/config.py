@@ -43,6 +43,12 @@ class ModelConfig:
     beta_start: float = 0.02
     beta_end: float = 0.35
     smoothing_sigma: float = 4.0
+    # Deviation term (training/deviation.py): per-class bank of `bank_size` normal patch features of
+    # `bank_dim` channels; the map is deviation (in normal standard deviations) + seg_weight * the
+    # segmentor's probability, so a confident segmentor detection counts `seg_weight` deviations.
+    bank_size: int = 4096
+    bank_dim: int = 128
+    seg_weight: float = 4.0
     # Ablation switches (part of the architecture: they change the graph)
     use_text_prompts: bool = True
     text_embed_dim: int = 512  # filled from the CLIP model at build time
@@ -58,6 +64,10 @@ class ModelConfig:
             raise ConfigError("diffusion_steps", "must be >= 0 (0 disables the refinement)")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError("beta_start/beta_end", "need 0 < beta_start < beta_end < 1")
+        if self.bank_size < 1 or self.bank_dim < 1:
+            raise ConfigError("bank_size/bank_dim", f"{self.bank_size}/{self.bank_dim}: both must be >= 1")
+        if not 0 <= self.seg_weight < 1e3:
+            raise ConfigError("seg_weight", f"{self.seg_weight}: must be in [0, 1000)")
         if self.neighbor_size < 1 or self.neighbor_size % 2 == 0:
             raise ConfigError("neighbor_size", f"{self.neighbor_size} must be a positive odd number")
 

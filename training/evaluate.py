@@ -67,7 +67,7 @@ def _write(out: Path, rows: dict, pred: dict[str, np.ndarray], info, overlays_pe
             path = Path(pred["path"][i])
             title = f"{c}: score {pred['score'][i]:.3f} (threshold {info.thresholds.get(c, float('nan')):.3g})"
             save_overlay(out / "overlays" / f"{c}_{path.parent.name}_{path.stem}.png", pred["image"][i], pred["map"][i],
-                         mask=pred["mask"][i], title=title)
+                         mask=pred["mask"][i], title=title, threshold=info.thresholds.get(c))
     log.info("wrote %s/metrics.{csv,json,md} and overlays/", out)
 
 

@@ -4,16 +4,15 @@ each patch to its nearest normal patch of the same class.
 It answers "how far from normal is this patch?" without ever seeing a defect, so it is the yardstick
 for how well promptmad generalises to defect kinds its synthetic training never painted.
 
-- features: the encoder's three stages (stride 4, 8 and its stride-16 concatenation), each averaged
-  over a 3x3 neighbourhood (PatchCore's local aggregation: a patch sees its context), resized to one
-  stride-8 grid and concatenated, then a fixed seeded random projection to `dim` channels
-  (Johnson-Lindenstrauss: distances survive, the bank and the distance matmul get ~5x smaller);
-- bank: every patch of the class's normal images; above `max_bank` patches a greedy k-center
-  coreset (PatchCore's choice; ~9% of a 60-image class at 224 px) keeps `max_bank` of them. Random
-  subsampling would drop rare normal patches (an edge, a coin's rim) and turn them into false
-  positives; the coreset covers them;
+- features: the very patch embedding of promptmad's deviation term (`deviation.PatchDeviation`):
+  three encoder stages, 3x3 local averaging, one stride-8 grid, a fixed random projection;
+- bank: every patch of the class's normal images, or a greedy k-center coreset of `max_bank` of them
+  (`deviation.build_bank` without the padding: the peer keeps what it is given);
 - map: min L2 distance per patch (chunked cdist), bilinear to the image, Gaussian sigma 4 px;
   image score = max of the map.
+
+So the peer is promptmad's deviation term alone, in raw distance units, on every normal training
+image: what promptmad adds (the segmentor, the reconstruction, the calibrated units) is the difference.
 """
 
 from __future__ import annotations
@@ -22,25 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from promptmad.training.deviation import PatchDeviation, coreset
 from promptmad.training.model import gaussian_kernel
 
-STRIDE = 8  # grid of the bank: PatchCore works at stride 8 (its layer2) too
-_SELECT_DIM = 32  # channels the coreset selection looks at
 _CHUNK = 2048  # query patches per cdist call: bounds memory at chunk x bank floats
-
-
-def greedy_coreset(x: Tensor, n: int) -> Tensor:
-    """Indices of `n` rows of x [N, D] chosen by greedy k-center (each pick is the row farthest from
-    those picked so far); starts at row 0, so it is deterministic."""
-    if n >= x.shape[0]:
-        return torch.arange(x.shape[0])
-    sq = x.pow(2).sum(1)  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one mat-vec per pick, no [N, D] temporary
-    picked = torch.zeros(n, dtype=torch.long)
-    dist = sq - 2 * (x @ x[0]) + sq[0]
-    for i in range(1, n):
-        picked[i] = j = dist.argmax()
-        dist = torch.minimum(dist, sq - 2 * (x @ x[j]) + sq[j])
-    return picked
 
 
 def min_distances(query: Tensor, bank: Tensor) -> Tensor:
@@ -57,25 +41,18 @@ class KnnPeer:
         self.dim, self.max_bank, self.batch = dim, max_bank, batch
         self.kernel = gaussian_kernel(sigma)
         self.banks: dict[str, Tensor] = {}
-        self._projection: Tensor | None = None  # built on first use, when the channel count is known
+        self._deviation: PatchDeviation | None = None  # built on first use, when the channel count is known
 
     @torch.no_grad()
     def embed(self, frames: Tensor) -> Tensor:
         """uint8 [B, S, S, 3] -> patch features [B, (S/8)^2, dim]."""
         out = []
         for chunk in frames.split(self.batch):
-            grid = chunk.shape[1] // STRIDE
-            stages = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in self.encoder(chunk)]
-            feats = torch.cat([F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False)
-                               for f in stages], 1).flatten(2).transpose(1, 2)  # [b, grid^2, C]
-            out.append(feats @ self._project(feats.shape[-1]))
+            feats = self.encoder(chunk)
+            if self._deviation is None:
+                self._deviation = PatchDeviation(sum(f.shape[1] for f in feats), self.dim)
+            out.append(self._deviation.embed(*feats))
         return torch.cat(out)
-
-    def _project(self, channels: int) -> Tensor:
-        if self._projection is None:
-            g = torch.Generator().manual_seed(0)  # fixed: the same peer for every run and seed
-            self._projection = torch.randn(channels, self.dim, generator=g) / self.dim**0.5
-        return self._projection
 
     def fit(self, class_name: str, normal_frames: Tensor) -> None:
         self.fit_embedded(class_name, self.embed(normal_frames))
@@ -83,9 +60,7 @@ class KnnPeer:
     def fit_embedded(self, class_name: str, feats: Tensor) -> None:
         """The class's bank from already embedded normal frames [N, P, dim]."""
         patches = feats.reshape(-1, feats.shape[-1])
-        # selection on the first 32 projected channels (itself a random projection): 3x faster than on
-        # all of them (the features then fit in cache), as PatchCore selects on a projection too
-        self.banks[class_name] = patches[greedy_coreset(patches[:, :_SELECT_DIM].contiguous(), self.max_bank)]
+        self.banks[class_name] = coreset(patches, self.max_bank)
 
     def predict(self, frames: Tensor, class_name: str) -> tuple[Tensor, Tensor]:
         return self.predict_embedded(self.embed(frames), class_name, frames.shape[1])

@@ -11,8 +11,12 @@ Parts (see docs/ARCHITECTURE.md for the tensors between them):
 - :class:`Segmentor`: fuses the reconstruction residual, multi-scale conv features and the
   image-text similarity with Transformer spatial attention, predicts a coarse mask and refines it
   with a 10-step diffusion process (linear beta schedule) conditioned on the text embedding.
-  Inference is deterministic (DDIM, eta=0, started from the coarse mask without noise), a plain
-  Python loop over a fixed number of steps, so tracing unrolls it into a static graph.
+  Inference samples as training noises: x_T is the coarse mask noised with a fixed seeded noise
+  tensor (a buffer, static for export), then deterministic DDIM (eta=0), a plain Python loop over
+  a fixed number of steps, so tracing unrolls it into a static graph.
+- The map adds the unsupervised deviation term of :mod:`deviation` (distance to the class's bank
+  of normal patch features, in normal standard deviations) to the segmentor's probability, so a
+  defect kind the segmentor was never shown still shows (the segmentor refines, it does not gate).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmad.training.config import ModelConfig
+from promptmad.training.deviation import PatchDeviation
 
 log = logging.getLogger(__name__)
 
+NOISE_SEED = 1234  # the diffusion's fixed start noise (see Segmentor.refine)
 # Large but finite: TensorRT (FP16 included) and ONNX Runtime handle it, unlike -inf, and
 # exp(-1e4) is exactly 0 in float32 so masking is still exact.
 MASK_VALUE = -1.0e4
@@ -328,6 +334,7 @@ class Segmentor(nn.Module):
     def __init__(self, cfg: ModelConfig, c4: int, c8: int, c16: int):
         super().__init__()
         self.cfg = cfg
+        self.deviation = PatchDeviation(c4 + c8 + c16, cfg.bank_dim)
         c = cfg.seg_channels
         dt = cfg.text_embed_dim
         self.res_proj = nn.Conv2d(c16, c, 1)
@@ -346,12 +353,17 @@ class Segmentor(nn.Module):
         self.denoiser = Denoiser(c, cfg.denoiser_channels, c, cfg.diffusion_steps) if cfg.diffusion_steps else None
         ab = linear_beta_schedule(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
         self.register_buffer("alpha_bar", ab, persistent=False)
+        # the noise x_T starts from, as training noises (a fixed draw: deterministic and exportable)
+        side = cfg.image_size // 4
+        noise = torch.randn(1, 1, side, side, generator=torch.Generator().manual_seed(NOISE_SEED))
+        self.register_buffer("start_noise", noise, persistent=False)
         self.register_buffer("smooth_kernel", gaussian_kernel(cfg.smoothing_sigma), persistent=False)
 
     # -- features shared by the coarse head and the denoiser --------------------------------
     def features(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor):
         residual = feat16 - recon16
-        energy = torch.sqrt((residual * residual).sum(1, keepdim=True) / residual.shape[1] + 1e-6)
+        # a mean, not sum / shape[1]: the traced shape would become a Cast that the FP16 build mistypes
+        energy = torch.sqrt((residual * residual).mean(1, keepdim=True) + 1e-6)
         b = feat16.shape[0]
         if self.cfg.use_text_prompts:
             v = F.normalize(self.vis_to_text(feat16), dim=1)
@@ -376,13 +388,16 @@ class Segmentor(nn.Module):
         return x, cond
 
     def refine(self, coarse_logit: Tensor, feats: Tensor, cond: Tensor) -> Tensor:
-        """Deterministic DDIM (eta=0) from t=T to 0, started at the noise-free coarse mask.
+        """Deterministic DDIM (eta=0) from t=T to 0, started at the coarse mask noised as training
+        noises (x_T = sqrt(abar_T) m + sqrt(1 - abar_T) eps, eps a fixed draw), so every step sees
+        an x_t with the noise level it was trained on; DDIM keeps that level step by step.
         A fixed-count Python loop: tracing unrolls it into T static denoiser calls."""
         steps = self.cfg.diffusion_steps
         if steps == 0:
             return coarse_logit
         ab = self.alpha_bar
-        x = ab[steps].sqrt() * torch.tanh(coarse_logit * 0.5)  # 2*sigmoid(l)-1, scaled to x_T
+        # 2*sigmoid(l)-1 of the coarse mask, noised to x_T
+        x = ab[steps].sqrt() * torch.tanh(coarse_logit * 0.5) + (1 - ab[steps]).sqrt() * self.start_noise
         logit = coarse_logit
         projected = self.denoiser.project_features(feats)  # step-independent: once, not once per step
         for t in range(steps, 0, -1):
@@ -399,17 +414,27 @@ class Segmentor(nn.Module):
         x = F.conv2d(x, k.view(1, 1, 1, -1))
         return F.conv2d(x, k.view(1, 1, -1, 1))
 
-    def postprocess(self, logit: Tensor) -> tuple[Tensor, Tensor]:
+    def upsample_smooth(self, x: Tensor) -> Tensor:
+        """[B, 1, h, w] -> smoothed [B, S, S]."""
         s = self.cfg.image_size
-        prob = torch.sigmoid(F.interpolate(logit, size=(s, s), mode="bilinear", align_corners=False))
-        smoothed = self.smooth(prob)[:, 0]
-        score = smoothed.flatten(1).amax(dim=1, keepdim=True)
-        return smoothed, score
+        return self.smooth(F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False))[:, 0]
 
-    def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor):
+    def deviation_map(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, normal_bank: Tensor) -> Tensor:
+        """Smoothed distance of every pixel's patch to the class's nearest normal patch [B, S, S]."""
+        return self.upsample_smooth(self.deviation(feat4, feat8, feat16, normal_bank))
+
+    def maps(self, feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats) -> tuple[Tensor, Tensor]:
+        """(segmentor probability, deviation in normal standard deviations), both [B, S, S]."""
         feats, cond = self.features(feat4, feat8, feat16, recon16, text_embedding)
-        logit = self.refine(self.coarse_head(feats), feats, cond)
-        return self.postprocess(logit)
+        prob = self.upsample_smooth(torch.sigmoid(self.refine(self.coarse_head(feats), feats, cond)))
+        units = self.deviation.to_units(self.deviation_map(feat4, feat8, feat16, normal_bank), normal_stats)
+        return prob, units
+
+    def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor,
+                normal_bank: Tensor, normal_stats: Tensor):
+        prob, units = self.maps(feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats)
+        amap = units + self.cfg.seg_weight * prob
+        return amap, amap.flatten(1).amax(dim=1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +454,9 @@ class PromptMAD(nn.Module):
         g = cfg.grid
         self.register_buffer("text_table", torch.zeros(num_classes, 2, cfg.text_embed_dim))
         self.register_buffer("prompt_feat16", torch.zeros(num_classes, c16, g, g))
+        # per-class normal patch bank and its (mean, std) on held-out normal images (see set_normal_banks)
+        self.register_buffer("normal_bank", torch.zeros(num_classes, cfg.bank_size, cfg.bank_dim))
+        self.register_buffer("normal_stats", torch.tensor([[0.0, 1.0]]).repeat(num_classes, 1))
 
     @property
     def num_classes(self) -> int:
@@ -455,12 +483,35 @@ class PromptMAD(nn.Module):
         return recon, text
 
     @torch.no_grad()
+    def embed_patches(self, frames: Tensor, batch: int = 16) -> Tensor:
+        """uint8 [N, S, S, 3] -> the deviation term's patch embeddings [N, P, bank_dim]."""
+        return torch.cat([self.segmentor.deviation.embed(*self.encoder(c)) for c in frames.split(batch)])
+
+    @torch.no_grad()
+    def set_normal_bank(self, class_id: int, normal_frames: Tensor, held_out: Tensor | None = None) -> None:
+        """The class's bank from its normal training frames, and its units from held-out normal
+        frames (the training frames themselves when none are held out: tighter than true normal
+        variation, so scores read higher; training warns)."""
+        from promptmad.training.deviation import build_bank, normal_stats
+
+        emb = self.embed_patches(normal_frames)
+        self.normal_bank[class_id] = build_bank(emb.reshape(-1, emb.shape[-1]), self.cfg.bank_size)
+        check = held_out if held_out is not None and len(held_out) else normal_frames
+        maps = torch.cat([self.segmentor.deviation_map(*self.encoder(c), self.normal_bank[class_id].expand(len(c), -1, -1))
+                          for c in check.split(16)])
+        self.normal_stats[class_id] = normal_stats(maps)
+
+    def class_prompts(self, class_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(normal_bank, normal_stats) rows of each frame's class."""
+        return self.normal_bank[class_ids], self.normal_stats[class_ids]
+
+    @torch.no_grad()
     def predict(self, frames: Tensor, class_ids: Tensor) -> dict[str, Tensor]:
         """frames uint8 [B, S, S, 3] (already resized), class_ids int64 [B] ->
-        anomaly_map [B, S, S] in [0, 1] and anomaly_score [B, 1]."""
+        anomaly_map [B, S, S] in normal standard deviations and anomaly_score [B, 1] (its max)."""
         f4, f8, f16 = self.encoder(frames)
         recon, text = self.forward_features(f16, class_ids)
-        amap, score = self.segmentor(f4, f8, f16, recon, text)
+        amap, score = self.segmentor(f4, f8, f16, recon, text, *self.class_prompts(class_ids))
         return {"anomaly_map": amap, "anomaly_score": score}
 
 

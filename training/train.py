@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from promptmad.errors import ConfigError, DatasetError
-from promptmad.training.calibration import calibrate, split_calibration
+from promptmad.training.calibration import calibrate, fit_normal_banks, split_calibration
 from promptmad.training.checkpoint import (RunInfo, atomic_write_text, load_trainer_state, load_weights, probe_writable,
                                            save_prompt_images, save_run, save_trainer_state)
 from promptmad.training.config import ModelConfig, load_arch
@@ -294,6 +294,7 @@ def train(cfg: TrainConfig) -> Path:
     done = max(start, cfg.steps)  # a run resumed past --steps is not trained further
     run.model.eval()
     data = run.data
+    fit_normal_banks(run.model, data.train, data.calib, data.class_to_id, run.arch.image_size, proc.device)
     calibration = calibrate(run.model, data.calib, data.class_to_id, run.arch.image_size, proc.device) if data.calib else {}
     run.save(done, calibration)
     _end_process(proc)

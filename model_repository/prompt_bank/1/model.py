@@ -1,9 +1,11 @@
 """Triton Python backend: class_id -> the class's precomputed prompts.
 
 `class_id` INT32 [B, 1] -> `text_embedding` FP32 [B, 2, D] (normal/anomalous CLIP prompt
-ensembles) and `prompt_tokens` FP32 [B, N, d] (the class's normal-image prompt). The tables
-live next to this file (text_table.npy, prompt_table.npy); the class names come from the
-`class_names` parameter, so error messages can name them.
+ensembles), `prompt_tokens` FP32 [B, N, d] (the class's normal-image prompt), `normal_bank` FP32
+[B, K, P] (its normal patch features) and `normal_stats` FP32 [B, 2] (their distance's mean and std
+on held-out normal images). Each output is a row of a per-class table next to this file (TABLES,
+the contract's PROMPT_BANK_TABLES); the class names come from the `class_names` parameter, so
+error messages can name them.
 """
 
 import json
@@ -12,24 +14,32 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+# output -> table file; promptmad.contract.PROMPT_BANK_TABLES (tests/test_contract.py holds them equal:
+# this file runs in Triton's stub, which does not import promptmad)
+TABLES = {"text_embedding": "text_table.npy", "prompt_tokens": "prompt_table.npy",
+          "normal_bank": "normal_bank.npy", "normal_stats": "normal_stats.npy"}
+
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         here = os.path.join(args["model_repository"], args["model_version"])
-        self.text = np.load(os.path.join(here, "text_table.npy"), allow_pickle=False)
-        self.prompts = np.load(os.path.join(here, "prompt_table.npy"), allow_pickle=False)
+        self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        # cast once at load: per request a row is only indexed
+        self.tables = {name: np.load(os.path.join(here, f), allow_pickle=False).astype(self.dtypes[name])
+                       for name, f in TABLES.items()}
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.class_names = json.loads(params.get("class_names", "[]"))
-        if self.text.shape[0] != self.prompts.shape[0]:
-            raise ValueError(f"text_table has {self.text.shape[0]} classes, prompt_table {self.prompts.shape[0]}")
-        for name, table in (("text_table", self.text), ("prompt_table", self.prompts)):
+        rows = {TABLES[name]: t.shape[0] for name, t in self.tables.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"prompt_bank tables disagree on the number of classes: {rows}; re-run `promptmad export`")
+        for name, table in self.tables.items():
             if not np.isfinite(table).all():  # fail at load, not with a NaN score per request
-                raise ValueError(f"{name}.npy: contains NaN or inf; re-run `promptmad export`")
-        self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+                raise ValueError(f"{TABLES[name]}: contains NaN or inf; re-run `promptmad export`")
+        self.n = next(iter(rows.values()))
 
     def execute(self, requests):
-        n = self.text.shape[0]
+        n = self.n
         known = ", ".join(f"{i}={name}" for i, name in enumerate(self.class_names)) or f"0..{n - 1}"
         responses = []
         for request in requests:
@@ -41,7 +51,5 @@ class TritonPythonModel:
                 continue
             idx = ids.astype(np.int64)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("text_embedding", self.text[idx].astype(self.dtypes["text_embedding"])),
-                pb_utils.Tensor("prompt_tokens", self.prompts[idx].astype(self.dtypes["prompt_tokens"])),
-            ]))
+                pb_utils.Tensor(name, table[idx]) for name, table in self.tables.items()]))
         return responses

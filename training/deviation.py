@@ -1,0 +1,110 @@
+"""The unsupervised deviation term of the anomaly map: how far each patch is from the nearest normal
+patch of its class, in units of the class's normal variation.
+
+The segmentor is supervised and has only ever seen pasted synthetic defects, so it scores a warp, a
+fold or a missing piece at chance. This term needs no defect at all: a per-class bank of normal patch
+features (a coreset of the class's normal training images, PatchCore's recipe) and the distance of
+each query patch to its nearest bank entry. The bank is a per-class prompt, served by `prompt_bank`
+as `normal_bank`, so a class's normal variation lives where its other prompts live and the engines
+do not change when classes do.
+
+- features: the encoder's three stages (stride 4, 8 and its stride-16 concatenation), each averaged
+  over a 3x3 neighbourhood (a patch sees its context), resized to one stride-8 grid, concatenated
+  and multiplied by a fixed seeded random projection to `bank_dim` channels (distances survive the
+  projection, Johnson-Lindenstrauss; the bank and the distance matmul get ~5x smaller);
+- distance: min over the bank of |q - b|, as |q|^2 - 2 q.b + |b|^2 (a MatMul and a ReduceMin: a
+  static graph for ONNX Runtime and TensorRT, no cdist);
+- units: (distance - mean) / std, the mean and std of the smoothed distance map over the class's
+  held-out normal images (`normal_stats`), so 0 is "as normal as the calibration images" and the
+  threshold is a number of standard deviations, not a 1e-5 margin of a saturated sigmoid.
+
+The training-free kNN peer of the benchmarks (`knn_peer.py`) uses these same features, so the two
+differ only in what promptmad adds on top.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STRIDE = 8  # grid of the bank: PatchCore works at stride 8 (its layer2) too
+PROJECTION_SEED = 0  # fixed: every run and the peer project the same way
+_SELECT_DIM = 32  # channels the coreset selection looks at
+_MIN_STD = 1e-3  # a class whose held-out maps do not vary still gets finite units
+
+
+def random_projection(channels: int, dim: int) -> Tensor:
+    g = torch.Generator().manual_seed(PROJECTION_SEED)
+    return torch.randn(channels, dim, generator=g) / dim**0.5
+
+
+class PatchDeviation(nn.Module):
+    """Patch embedding and nearest-bank distance; no trainable parameters."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.register_buffer("projection", random_projection(channels, dim), persistent=False)
+
+    def embed(self, feat4: Tensor, feat8: Tensor, feat16: Tensor) -> Tensor:
+        """Encoder features -> patch embeddings [B, (S/8)^2, dim]."""
+        grid = feat8.shape[-1]
+        stages = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in (feat4, feat8, feat16)]
+        feats = torch.cat([F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) if f.shape[-1] != grid
+                           else f for f in stages], 1)
+        return torch.matmul(feats.flatten(2).transpose(1, 2), self.projection)
+
+    def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, bank: Tensor) -> Tensor:
+        """Raw distance [B, 1, S/8, S/8] of each patch to its nearest bank row. A module call, so the
+        exported ops sit under a `deviation` scope that the FP16 engine build keeps in FP32 (the
+        |q|^2 - 2 q.b + |b|^2 form cancels: fp16 would erase distances of a few units)."""
+        return self.distance(self.embed(feat4, feat8, feat16), bank, feat8.shape[-1])
+
+    @staticmethod
+    def distance(emb: Tensor, bank: Tensor, grid: int) -> Tensor:
+        """emb [B, P = grid^2, dim], bank [B, K, dim] (each frame's class bank) -> min L2 distance
+        [B, 1, grid, grid]."""
+        cross = torch.matmul(emb, bank.transpose(1, 2))  # [B, P, K]
+        sq = (emb * emb).sum(-1, keepdim=True) - 2 * cross + (bank * bank).sum(-1)[:, None, :]
+        return sq.amin(-1).clamp_min(0).sqrt().reshape(-1, 1, grid, grid)
+
+    @staticmethod
+    def to_units(dist_map: Tensor, stats: Tensor) -> Tensor:
+        """Smoothed distance map [B, S, S] and stats [B, 2] (mean, std) -> standard deviations."""
+        return (dist_map - stats[:, :1, None]) / stats[:, 1:, None].clamp_min(_MIN_STD)
+
+
+def greedy_coreset(x: Tensor, n: int) -> Tensor:
+    """Indices of `n` rows of x [N, D] chosen by greedy k-center (each pick is the row farthest from
+    those picked so far); starts at row 0, so it is deterministic. Random subsampling would drop rare
+    normal patches (an edge, a coin's rim) and turn them into false positives; the coreset keeps them."""
+    if n >= x.shape[0]:
+        return torch.arange(x.shape[0])
+    sq = x.pow(2).sum(1)  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one mat-vec per pick, no [N, D] temporary
+    picked = torch.zeros(n, dtype=torch.long)
+    dist = sq - 2 * (x @ x[0]) + sq[0]
+    for i in range(1, n):
+        picked[i] = j = dist.argmax()
+        dist = torch.minimum(dist, sq - 2 * (x @ x[j]) + sq[j])
+    return picked
+
+
+def coreset(patches: Tensor, size: int) -> Tensor:
+    """At most `size` rows of patches [M, dim], picked by greedy k-center on the first 32 projected
+    channels (themselves a random projection: 3x faster, the features fit in cache; PatchCore selects
+    on a projection too)."""
+    return patches[greedy_coreset(patches[:, :_SELECT_DIM].contiguous(), size)].contiguous()
+
+
+def build_bank(patches: Tensor, size: int) -> Tensor:
+    """A class's bank of exactly `size` rows from its normal patches [M, dim]: a greedy coreset when
+    there are more, every patch repeated cyclically when there are fewer (a duplicate row does not
+    change a nearest-neighbour distance, and a fixed size keeps the served tensor static)."""
+    if patches.shape[0] >= size:
+        return coreset(patches, size)
+    return patches[torch.arange(size) % patches.shape[0]].contiguous()
+
+
+def normal_stats(unit_maps: Tensor) -> Tensor:
+    """(mean, std) over every pixel of a class's smoothed distance maps [N, S, S] of held-out normal images."""
+    return torch.stack([unit_maps.mean(), unit_maps.std().clamp_min(_MIN_STD)])
