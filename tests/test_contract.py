@@ -86,6 +86,29 @@ def test_repository_holds_exactly_the_contract_models(tiny_repository):
     assert written == set(contract.ALL_MODELS)
 
 
+def test_prompt_bank_serves_every_table_of_the_contract(tiny_repository, sizes):
+    """prompt_bank's model.py (it runs in Triton's stub, without promptmad) reads the tables that the
+    contract names, one per output, and export wrote each with one row per class and the step's shape."""
+    import ast
+
+    import numpy as np
+
+    from promptmad import contract
+
+    src = (tiny_repository / contract.PROMPT_BANK.name / "1" / "model.py").read_text()
+    tables = next(ast.literal_eval(n.value) for n in ast.walk(ast.parse(src))
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "TABLES")
+    assert tables == contract.PROMPT_BANK_TABLES
+    assert set(tables) == set(contract.PROMPT_BANK.output_names)
+    shapes = contract.tensor_shapes(sizes)
+    rows = set()
+    for name, f in tables.items():
+        arr = np.load(tiny_repository / contract.PROMPT_BANK.name / "1" / f)
+        assert arr.shape[1:] == shapes[name], name
+        rows.add(arr.shape[0])
+    assert len(rows) == 1
+
+
 @pytest.mark.parametrize("step", list(contract.STEPS))
 def test_step_config_matches_the_contract(tiny_repository, sizes, step):
     cfg = _config(tiny_repository, step)
