@@ -138,6 +138,10 @@ def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch
         "architecture": cfg.to_dict(),
         "classes": {name: i for i, name in enumerate(info.classes)},
         "thresholds": info.thresholds,
+        # what a score means (training/deviation.py): the thresholds are in these units
+        "map": {"units": "normal standard deviations of the class's held-out normal images",
+                "terms": f"deviation + {cfg.seg_weight} x segmentor probability", "score": "max of the map",
+                "normal_bank": [cfg.bank_size, cfg.bank_dim], "calibration": info.calibration.get("method", "")},
         "prompt_templates_sha256": info.prompts.get("sha256", ""),
         "clip_model": cfg.clip_model,
         "image_size": cfg.image_size,
