@@ -29,7 +29,12 @@ PEER_SHOTS = {"peer-full": None, "peer-k1": 1, "peer-k2": 2, "peer-k4": 4}  # No
 # promptmad's map and each of its two terms alone: the segmentor's probability (what the map was
 # before the deviation term) and the deviation in normal standard deviations
 TERMS = {"promptmad": "map", "promptmad-seg": "segmentor", "promptmad-dev": "deviation"}
+# the diffusion refinement on the same weights: the segmentor term refined as served (DDIM from the
+# coarse mask noised as in training), refined from the noise-free coarse mask (the inference before
+# the fix: a mismatch with training), and the coarse head alone (no refinement)
+DIFFUSION = {"seg-refined-noised": "segmentor", "seg-refined-noise-free": "noise-free", "seg-coarse-only": "coarse"}
 SYSTEMS = (*TERMS, *PEER_SHOTS)
+ALL_SYSTEMS = (*SYSTEMS, *DIFFUSION)
 REPORTED = ("I-AUROC", "P-AUROC", "P-AP", "AUPRO")
 SEEN, UNSEEN = "seen-like (pasted)", "unseen"
 _BATCH = 8
@@ -93,25 +98,40 @@ def _load(samples: Sequence, size: int) -> dict[str, np.ndarray]:
             "kinds": np.array([s.defect for s in samples])}
 
 
+def _chunk_terms(model, chunk: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Segmentor.maps taken apart: the served map, its two terms and the two diffusion variants."""
+    seg = model.segmentor
+    f4, f8, f16 = model.encoder(chunk)
+    recon, text = model.forward_features(f16, ids)
+    feats, cond = seg.features(f4, f8, f16, recon, text)
+    coarse = seg.coarse_head(feats)
+    prob = seg.upsample_smooth(torch.sigmoid(seg.refine(coarse, feats, cond)))
+    noise = seg.start_noise.clone()
+    seg.start_noise.zero_()
+    try:
+        noise_free = seg.upsample_smooth(torch.sigmoid(seg.refine(coarse, feats, cond)))
+    finally:
+        seg.start_noise.copy_(noise)
+    bank, stats = model.class_prompts(ids)
+    units = seg.deviation.to_units(seg.deviation_map(f4, f8, f16, bank), stats)
+    return {"map": units + model.cfg.seg_weight * prob, "segmentor": prob, "deviation": units,
+            "noise-free": noise_free, "coarse": seg.upsample_smooth(torch.sigmoid(coarse))}
+
+
 @torch.no_grad()
 def term_maps(model, class_id: int, frames: np.ndarray) -> dict[str, np.ndarray]:
-    """{"map", "segmentor", "deviation"}: [N, S, S] maps of the frames, the served map and its terms."""
-    out: dict[str, list] = {k: [] for k in TERMS.values()}
+    """{"map", "segmentor", "deviation", "noise-free", "coarse"}: [N, S, S] maps of the frames."""
+    out: dict[str, list] = {}
     for chunk in torch.from_numpy(frames).split(_BATCH):
-        ids = torch.full((len(chunk),), class_id, dtype=torch.long)
-        f4, f8, f16 = model.encoder(chunk)
-        recon, text = model.forward_features(f16, ids)
-        prob, units = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
-        out["segmentor"].append(prob.numpy())
-        out["deviation"].append(units.numpy())
-        out["map"].append((units + model.cfg.seg_weight * prob).numpy())
+        for k, v in _chunk_terms(model, chunk, torch.full((len(chunk),), class_id, dtype=torch.long)).items():
+            out.setdefault(k, []).append(v.numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _promptmad(model, class_id: int, frames: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{system: (maps, image scores = max of the map)} of promptmad and its terms."""
+    """{system: (maps, image scores = max of the map)} of promptmad, its terms and the diffusion variants."""
     maps = term_maps(model, class_id, frames)
-    return {system: (maps[t], maps[t].reshape(len(frames), -1).max(1)) for system, t in TERMS.items()}
+    return {system: (maps[t], maps[t].reshape(len(frames), -1).max(1)) for system, t in (TERMS | DIFFUSION).items()}
 
 
 def kshot_indices(n: int, k: int | None, seed: int, cls: str) -> np.ndarray:
@@ -185,7 +205,7 @@ def score_run(run: str | Path, data, split: Path, classes: Sequence[str] | None,
     model, info = load_model(run)
     seed = int(info.training.get("seed", 0))
     wanted = list(classes) if classes else info.classes
-    per_class: dict[str, dict] = {s: {} for s in SYSTEMS}
+    per_class: dict[str, dict] = {s: {} for s in ALL_SYSTEMS}
     seconds = {"promptmad": 0.0, "peer": 0.0}
     for cls in wanted:
         samples = load_samples(data, split="test", classes=[cls])
@@ -277,7 +297,21 @@ def format_markdown(summary: dict) -> str:
             tag = "" if kind.startswith("mean") else (UNSEEN if kind in UNSEEN_KINDS else SEEN)
             name = f"**{kind}**" if kind.startswith("mean") else kind
             lines.append(f"| {name} | {tag} | " + " | ".join(_cell(agg[s][kind][metric]) for s in SYSTEMS) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _diffusion_table(agg)) + "\n"
+
+
+def _diffusion_table(agg: dict) -> list[str]:
+    """The segmentor term alone, same weights: refined as served, refined from a noise-free start
+    (the old inference), coarse head only; mean rows, every reported metric."""
+    rows = [k for k in agg["promptmad"] if k.startswith("mean")]
+    head = " | ".join(f"{m} {v}" for m in REPORTED for v in ("noised", "noise-free", "coarse"))
+    lines = ["", "## Diffusion refinement (segmentor term alone, same weights)", "",
+             "noised = DDIM from the coarse mask noised as in training (served); noise-free = DDIM from the "
+             "noise-free coarse mask (the inference before the fix); coarse = no refinement.", "",
+             f"| kinds | {head} |", "|---|" + "---:|" * (3 * len(REPORTED))]
+    for kind in rows:
+        lines.append(f"| {kind} | " + " | ".join(_cell(agg[s][kind][m]) for m in REPORTED for s in DIFFUSION) + " |")
+    return lines
 
 
 def _train_runs(data, out: Path, seeds: Sequence[int], steps: int, arch: str) -> tuple[list[Path], dict[str, float]]:
@@ -311,7 +345,7 @@ def run_generalisation(data: str | Path, out: str | Path, *, runs: Sequence[str 
     split = build_unseen_split(data, out / "unseen_data", classes=classes, per_kind=per_kind_images)
     cache: dict = {}
     scored = [score_run(r, data, split, classes, cache) for r in runs]
-    means = [{s: kind_means(r["per_class"][s], list(UNSEEN_KINDS)) for s in SYSTEMS} for r in scored]
+    means = [{s: kind_means(r["per_class"][s], list(UNSEEN_KINDS)) for s in ALL_SYSTEMS} for r in scored]
     summary = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
         "data": str(data), "unseen_split": str(split), "runs": [{k: r[k] for k in ("run", "seed", "classes", "seconds")} for r in scored],
