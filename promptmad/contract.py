@@ -32,7 +32,7 @@ ENCODED_MODEL_NAME = MODEL_NAME + ENCODED_SUFFIX
 MAX_PIXELS_PER_FRAME = 40_000_000  # larger frames are refused (decompression bombs, runaway cameras)
 MAX_PIXELS_PER_REQUEST = MAX_PIXELS_PER_FRAME  # all frames of one request together: a batch cannot multiply the memory
 ENCODED_FORMATS = ("PNG", "JPEG")  # the only formats `promptmad_encoded` decodes (checked before decoding)
-DEFAULT_THRESHOLD = 0.5  # score threshold of a class that has no calibrated one
+DEFAULT_THRESHOLD = 8.0  # threshold of a class without a calibrated one, in normal standard deviations (calibrated ones: 7-9.5 on the embedded data)
 DEFAULT_MAX_BATCH = 8  # max_batch_size of every model unless `promptmad export --max-batch`
 DEFAULT_IMAGE_SIZE = 224
 # image files read from folders (datasets, `promptmad score` sources)
