@@ -18,8 +18,8 @@ from promptmad import contract
 from promptmad.benchmarks.perf_analyzer import BenchError
 
 ENGINE_STEPS = tuple(s for s in contract.ENSEMBLE.steps if s.engine)  # in execution order
-# the prompt_bank step's tables, as `promptmad export` writes them
-TEXT_TABLE, PROMPT_TABLE = "text_table.npy", "prompt_table.npy"
+# the prompt_bank step's outputs; each is a row of a per-class table (contract.PROMPT_BANK_TABLES)
+_PROMPT_BANK_OUTPUTS = {t.name: t for t in contract.PROMPT_BANK.outputs}
 
 
 def has_onnx_graphs(repo: Path | str | None) -> bool:
@@ -42,8 +42,10 @@ class OnnxChain:
         self.sessions = {s.name: ort.InferenceSession(str(repo / s.name / "1" / "model.onnx"), opts,
                                                       providers=["CPUExecutionProvider"]) for s in ENGINE_STEPS}
         bank = repo / contract.PROMPT_BANK.name / "1"
-        self.text = np.load(bank / TEXT_TABLE).astype(contract.TEXT_EMBEDDING.numpy_dtype, copy=False)
-        self.prompts = np.load(bank / PROMPT_TABLE).astype(contract.PROMPT_TOKENS.numpy_dtype, copy=False)
+        # every output of prompt_bank (text embedding, prompt tokens, normal bank and its stats) is a
+        # row of its per-class table
+        self.tables = {name: np.load(bank / f).astype(_PROMPT_BANK_OUTPUTS[name].numpy_dtype, copy=False)
+                       for name, f in contract.PROMPT_BANK_TABLES.items()}
         # the encoder's input is (batch, S, S, 3): its side is the model's image size
         self.image_size = int(self.sessions[contract.VISUAL_ENCODER.name].get_inputs()[0].shape[1])
 
@@ -56,8 +58,7 @@ class OnnxChain:
             contract.CLASS_ID.name: np.array([[class_id]], contract.CLASS_ID.numpy_dtype),
             contract.FRAME.name: resize_rgb(image, self.image_size)[None],
             contract.ORIGINAL_SIZE.name: np.array([image.shape[:2]], contract.ORIGINAL_SIZE.numpy_dtype),
-            contract.TEXT_EMBEDDING.name: self.text[class_id][None],
-            contract.PROMPT_TOKENS.name: self.prompts[class_id][None],
+            **{name: table[class_id][None] for name, table in self.tables.items()},
         }
 
     def run(self, image: np.ndarray, class_id: int) -> dict[str, np.ndarray]:

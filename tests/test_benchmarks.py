@@ -317,12 +317,16 @@ def _direct_onnxruntime(repo: Path, frame: np.ndarray, cid: int) -> dict[str, np
 
     sess = {s: ort.InferenceSession(str(repo / s / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
             for s in ("visual_encoder", "reconstructor", "segmentor")}
-    text = np.load(repo / "prompt_bank" / "1" / "text_table.npy")[cid][None].astype(np.float32)
-    prompts = np.load(repo / "prompt_bank" / "1" / "prompt_table.npy")[cid][None].astype(np.float32)
+    def row(table):
+        return np.load(repo / "prompt_bank" / "1" / table)[cid][None].astype(np.float32)
+
+    text, prompts = row("text_table.npy"), row("prompt_table.npy")
+    bank, stats = row("normal_bank.npy"), row("normal_stats.npy")
     size = int(sess["visual_encoder"].get_inputs()[0].shape[1])
     f4, f8, f16 = sess["visual_encoder"].run(None, {"frame": resize_rgb(frame, size)[None]})
     (rec,) = sess["reconstructor"].run(None, {"feat16": f16, "prompt_tokens": prompts, "text_embedding": text})
-    amap, score = sess["segmentor"].run(None, {"feat4": f4, "feat8": f8, "feat16": f16, "recon16": rec, "text_embedding": text})
+    amap, score = sess["segmentor"].run(None, {"feat4": f4, "feat8": f8, "feat16": f16, "recon16": rec, "text_embedding": text,
+                                               "normal_bank": bank, "normal_stats": stats})
     return {"feat16": f16, "recon16": rec, "anomaly_map_model": amap, "anomaly_score": score}
 
 
@@ -336,6 +340,9 @@ def test_onnx_chain_equals_a_direct_onnxruntime_run(tiny_repository):
         got, want = chain.run(frame, cid), _direct_onnxruntime(tiny_repository, frame, cid)
         for name, arr in want.items():
             np.testing.assert_allclose(got[name], arr, rtol=1e-5, atol=1e-6, err_msg=name)
+        # the map is in normal standard deviations (unbounded); the score is its max
+        assert np.isfinite(want["anomaly_map_model"]).all()
+        np.testing.assert_allclose(want["anomaly_score"].reshape(-1), want["anomaly_map_model"].reshape(1, -1).max(1), rtol=1e-6)
         assert got["original_size"].tolist() == [[70, 90]] and got["class_id"].tolist() == [[cid]]
 
 

@@ -129,13 +129,16 @@ def test_a_server_that_never_returns_is_reported_within_one_deadline(tiny_reposi
 
 # --- item 3: fail closed ----------------------------------------------------------------------------
 def test_error_and_non_finite_results_never_read_as_a_pass():
+    # scores and thresholds in normal standard deviations: a threshold of a few units, and a finite
+    # score below 0 (a frame more normal than the calibration images) is a judgement, not an error
     for score in (math.nan, math.inf, -math.inf):
-        r = AnomalyResult("f", "brick", score, None, False, 0.5, 0.0)
+        r = AnomalyResult("f", "brick", score, None, False, 6.0, 0.0)
         assert (r.is_anomalous, r.verdict, r.ok) == (True, "error", False)
-    err = AnomalyResult("f", "brick", 0.1, None, False, 0.5, 0.0, ServerUnavailable("down"))
+    err = AnomalyResult("f", "brick", 1.0, None, False, 6.0, 0.0, ServerUnavailable("down"))
     assert (err.is_anomalous, err.verdict, err.ok) == (True, "error", False)
-    assert AnomalyResult("f", "brick", 0.1, None, False, 0.5, 0.0).verdict == "pass"
-    assert AnomalyResult("f", "brick", 0.9, None, True, 0.5, 0.0).verdict == "fail"
+    assert AnomalyResult("f", "brick", 1.0, None, False, 6.0, 0.0).verdict == "pass"
+    assert AnomalyResult("f", "brick", -1.5, None, False, 6.0, 0.0).verdict == "pass"
+    assert AnomalyResult("f", "brick", 9.0, None, True, 6.0, 0.0).verdict == "fail"
 
 
 def test_a_nan_score_from_the_server_is_an_error_in_every_path(client, triton_server, monkeypatch):

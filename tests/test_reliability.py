@@ -235,18 +235,45 @@ def test_composing_model_failing_to_load(tiny_repository, tmp_path):
             AnomalyClient(server.grpc_url)
 
 
-def test_manifest_checksums_refuse_a_changed_artifact(tiny_repository, tmp_path):
+TABLES = sorted(contract.PROMPT_BANK_TABLES.values())  # prompt_bank's four per-class tables
+
+
+def test_prompt_bank_serves_exactly_the_contract_tables(tiny_repository):
+    version = tiny_repository / contract.PROMPT_BANK.name / "1"
+    assert sorted(p.name for p in version.glob("*.npy")) == TABLES
+    assert TABLES == sorted(["text_table.npy", "prompt_table.npy", "normal_bank.npy", "normal_stats.npy"])
+    stats = np.load(version / contract.STATS_TABLE_FILE)  # (mean, std) of each class's normal distance map
+    assert stats.shape == (3, 2) and np.isfinite(stats).all() and (stats[:, 1] > 0).all()
+
+
+@pytest.mark.parametrize("table_file", TABLES)
+def test_manifest_checksums_refuse_a_changed_artifact(tiny_repository, tmp_path, table_file):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo)
-    table = repo / "prompt_bank" / "1" / "prompt_table.npy"
+    table = repo / "prompt_bank" / "1" / table_file
     arr = np.load(table)
     np.save(table, arr + 1)
-    with pytest.raises(ServeError, match="prompt_table.npy: changed since export"):
+    with pytest.raises(ServeError, match=f"{re.escape(table_file)}: changed since export"):
         TritonServer(repo, verify_manifest=True).start()
     (repo / "visual_encoder" / "1" / "extra.py").write_text("print('hi')")
     np.save(table, arr)
     with pytest.raises(ServeError, match="extra.py: not part of the exported repository"):
         TritonServer(repo, verify_manifest=True).start()
+
+
+@pytest.mark.parametrize("table_file", TABLES)
+def test_prompt_bank_refuses_to_load_a_non_finite_table(tiny_repository, tmp_path, table_file):
+    """One NaN in any of prompt_bank's tables (no manifest check): the model fails at load, naming the
+    file, instead of answering a NaN score for every frame of that class."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    table = repo / contract.PROMPT_BANK.name / "1" / table_file
+    arr = np.load(table)
+    arr.flat[arr.size // 2] = np.nan
+    np.save(table, arr)
+    with pytest.raises(ServeError) as err:
+        TritonServer(repo, startup_timeout=120).start()
+    assert "prompt_bank" in str(err.value) and f"{table_file}: contains NaN or inf" in str(err.value), err.value
 
 
 def test_security_defaults(triton_server, http):
