@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from promptmad import __version__, contract
 from promptmad.errors import ExportError
