@@ -16,8 +16,11 @@ examples:
 
 what is written to --out:
   results.md       one table per metric (I-AUROC, P-AUROC, P-AP, AUPRO): rows = defect kinds tagged
-                   seen-like (the dataset's pasted kinds) or unseen, columns = promptmad, peer-full,
-                   peer-k1/k2/k4, mean ± std over the runs; with the machine and the date
+                   seen-like (the dataset's pasted kinds) or unseen, columns = promptmad (the served
+                   map), promptmad-seg and promptmad-dev (its segmentor and deviation terms alone),
+                   peer-full, peer-k1/k2/k4, mean ± std over the runs; with the machine and the date;
+                   then the diffusion table (segmentor term refined as served, from a noise-free
+                   start, coarse head only: same weights)
   results.json     every number: per run, per class and per kind, and the wall times
   unseen_data/     the unseen-kinds test split in MVTec layout (cached; `promptmad eval` reads it)
   runs/seed<N>/    the runs trained with --seeds
