@@ -9,7 +9,8 @@ as `normal_bank`, so a class's normal variation lives where its other prompts li
 do not change when classes do.
 
 - features: the encoder's three stages (stride 4, 8 and its stride-16 concatenation), each averaged
-  over a 3x3 neighbourhood (a patch sees its context), resized to one stride-8 grid, concatenated
+  over a 3x3 neighbourhood (a patch sees its context), resized to feat8's stride-8 grid (PatchCore
+  works at stride 8 too), concatenated
   and multiplied by a fixed seeded random projection to `bank_dim` channels (distances survive the
   projection, Johnson-Lindenstrauss; the bank and the distance matmul get ~5x smaller);
 - distance: min over the bank of |q - b|, as |q|^2 - 2 q.b + |b|^2 (a MatMul and a ReduceMin: a
@@ -28,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-STRIDE = 8  # grid of the bank: PatchCore works at stride 8 (its layer2) too
 PROJECTION_SEED = 0  # fixed: every run and the peer project the same way
 _SELECT_DIM = 32  # channels the coreset selection looks at
 _MIN_STD = 1e-3  # a class whose held-out maps do not vary still gets finite units
@@ -55,9 +55,9 @@ class PatchDeviation(nn.Module):
         return torch.matmul(feats.flatten(2).transpose(1, 2), self.projection)
 
     def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, bank: Tensor) -> Tensor:
-        """Raw distance [B, 1, S/8, S/8] of each patch to its nearest bank row. A module call, so the
-        exported ops sit under a `deviation` scope that the FP16 engine build keeps in FP32 (the
-        |q|^2 - 2 q.b + |b|^2 form cancels: fp16 would erase distances of a few units)."""
+        """Raw distance [B, 1, S/8, S/8] of each patch to its nearest bank row. Needs FP32: the
+        |q|^2 - 2 q.b + |b|^2 form cancels (FP16 would erase distances of a few units), which is why
+        the segmentor's TensorRT engine is not in export.tensorrt.FP16_STEPS."""
         return self.distance(self.embed(feat4, feat8, feat16), bank, feat8.shape[-1])
 
     @staticmethod
@@ -109,6 +109,6 @@ def build_bank(patches: Tensor, size: int) -> Tensor:
     return patches[torch.arange(size) % patches.shape[0]].contiguous()
 
 
-def normal_stats(unit_maps: Tensor) -> Tensor:
+def normal_stats(dist_maps: Tensor) -> Tensor:
     """(mean, std) over every pixel of a class's smoothed distance maps [N, S, S] of held-out normal images."""
-    return torch.stack([unit_maps.mean(), unit_maps.std().clamp_min(_MIN_STD)])
+    return torch.stack([dist_maps.mean(), dist_maps.std().clamp_min(_MIN_STD)])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmad.training.config import ModelConfig
-from promptmad.training.deviation import PatchDeviation
+from promptmad.training.deviation import PatchDeviation, build_bank, normal_stats
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class PromptMAD(nn.Module):
         g = cfg.grid
         self.register_buffer("text_table", torch.zeros(num_classes, 2, cfg.text_embed_dim))
         self.register_buffer("prompt_feat16", torch.zeros(num_classes, c16, g, g))
-        # per-class normal patch bank and its (mean, std) on held-out normal images (see set_normal_banks)
+        # per-class normal patch bank and its (mean, std) on held-out normal images (see set_normal_bank)
         self.register_buffer("normal_bank", torch.zeros(num_classes, cfg.bank_size, cfg.bank_dim))
         self.register_buffer("normal_stats", torch.tensor([[0.0, 1.0]]).repeat(num_classes, 1))
 
@@ -492,8 +492,6 @@ class PromptMAD(nn.Module):
         """The class's bank from its normal training frames, and its units from held-out normal
         frames (the training frames themselves when none are held out: tighter than true normal
         variation, so scores read higher; training warns)."""
-        from promptmad.training.deviation import build_bank, normal_stats
-
         emb = self.embed_patches(normal_frames)
         self.normal_bank[class_id] = build_bank(emb.reshape(-1, emb.shape[-1]), self.cfg.bank_size)
         check = held_out if held_out is not None and len(held_out) else normal_frames
