@@ -139,7 +139,9 @@ def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch
         "thresholds": info.thresholds,
         # what a score means (training/deviation.py): the thresholds are in these units
         "map": {"units": "normal standard deviations of the class's held-out normal images",
-                "terms": f"deviation + {cfg.seg_weight} x segmentor probability", "score": "max of the map",
+                "terms": f"deviation + {float(model.segmentor.fusion_weight):g} x segmentor probability",
+                "fusion_weight": info.calibration.get("fusion", {}).get("method", "architecture default (no held-out images)"),
+                "score": "max of the map",
                 "normal_bank": [cfg.bank_size, cfg.bank_dim], "calibration": info.calibration.get("method", "")},
         "prompt_templates_sha256": info.prompts.get("sha256", ""),
         "clip_model": cfg.clip_model,

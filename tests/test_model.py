@@ -83,7 +83,7 @@ def _with_banks(m, frames_per_class):
 
 
 def test_map_is_deviation_in_normal_units_plus_weighted_segmentor():
-    """map = (distance - mean) / std + seg_weight * probability, with (mean, std) of the held-out
+    """map = (distance - mean) / std + fusion_weight * probability, with (mean, std) of the held-out
     normal frames' distance maps: on those frames the deviation has mean 0 and std 1."""
     m = tiny_model()
     normals = [torch.randint(0, 255, (6, 64, 64, 3), dtype=torch.uint8) for _ in range(3)]
@@ -96,8 +96,10 @@ def test_map_is_deviation_in_normal_units_plus_weighted_segmentor():
         prob, units = m.segmentor.maps(f4, f8, f16, recon, text, *m.class_prompts(ids))
     assert abs(float(units.mean())) < 1e-4 and abs(float(units.std()) - 1) < 1e-3
     amap = m.predict(normals[1][-2:], ids)["anomaly_map"]
-    assert torch.allclose(amap, units + m.cfg.seg_weight * prob, atol=1e-5)
+    assert torch.allclose(amap, units + m.cfg.seg_weight * prob, atol=1e-5)  # before training chooses a weight
     assert m.cfg.seg_weight > 0 and 0 <= float(prob.min()) and float(prob.max()) <= 1
+    m.segmentor.fusion_weight.fill_(3.0)  # the chosen weight is the one the map uses
+    assert torch.allclose(m.predict(normals[1][-2:], ids)["anomaly_map"], units + 3.0 * prob, atol=1e-5)
 
 
 def test_deviation_is_zero_on_its_own_bank_and_grows_off_it():

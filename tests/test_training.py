@@ -16,6 +16,7 @@ import torch
 
 from promptmad.errors import DatasetError
 from promptmad.training.checkpoint import load_model
+from promptmad.training.fusion import FUSION_WEIGHTS
 from promptmad.training.objective import TrainStep
 from promptmad.training.train import TrainConfig, train
 from tests.conftest import TINY_CLASSES
@@ -41,6 +42,10 @@ def test_run_directory_contents(tiny_run):
     assert all(float(model.normal_bank[c].abs().sum()) > 0 for c in range(3))
     assert not torch.equal(model.normal_bank[0], model.normal_bank[1])
     assert torch.isfinite(model.normal_stats).all() and bool((model.normal_stats[:, 1] > 0).all())
+    # the fusion weight was chosen on held-out validation, saved with the weights, and is the one served
+    fusion = cfg["calibration"]["fusion"]
+    assert fusion["fusion_weight"] in FUSION_WEIGHTS and set(fusion["scores"]) == {f"{w:g}" for w in FUSION_WEIGHTS}
+    assert float(model.segmentor.fusion_weight) == fusion["fusion_weight"]
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tiny_dataset, tmp_path, monkeypatch):

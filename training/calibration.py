@@ -39,6 +39,12 @@ def _frames(samples, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([resize_rgb(read_rgb(s.image), image_size) for s in samples]))
 
 
+def held_out_frames(calib: Sequence, class_to_id: dict[str, int], image_size: int) -> dict[int, np.ndarray]:
+    """{class id: uint8 [N, S, S, 3]} of the held-out normal images (fusion weight validation)."""
+    return {cid: _frames([s for s in calib if s.class_name == name], image_size).numpy()
+            for name, cid in class_to_id.items() if any(s.class_name == name for s in calib)}
+
+
 @torch.no_grad()
 def fit_normal_banks(model, train: Sequence, calib: Sequence, class_to_id: dict[str, int], image_size: int, device) -> None:
     """Every class's bank of normal patch features from its training images, in units of its held-out

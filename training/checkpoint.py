@@ -205,7 +205,7 @@ def load_weights(run_dir: Path | str, model) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from promptmad.training.model import legacy_keys
+    from promptmad.training.model import legacy_fill, legacy_keys
 
     path = Path(run_dir) / WEIGHTS
     try:
@@ -214,6 +214,7 @@ def load_weights(run_dir: Path | str, model) -> None:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
     for key in legacy_keys(model, state):
         del state[key]
+    legacy_fill(model, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

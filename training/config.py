@@ -44,11 +44,13 @@ class ModelConfig:
     beta_end: float = 0.35
     smoothing_sigma: float = 4.0
     # Deviation term (training/deviation.py): per-class bank of `bank_size` normal patch features of
-    # `bank_dim` channels; the map is deviation (in normal standard deviations) + seg_weight * the
-    # segmentor's probability, so a confident segmentor detection counts `seg_weight` deviations.
+    # `bank_dim` channels; the map is deviation (in normal standard deviations) + w * the segmentor's
+    # probability, so a confident segmentor detection counts w deviations. Training chooses w on
+    # held-out validation (training/fusion.py); `seg_weight` is its value for a run without held-out
+    # images (16: what validation chose for each of 3 seeds on the embedded data).
     bank_size: int = 4096
     bank_dim: int = 128
-    seg_weight: float = 4.0
+    seg_weight: float = 16.0
     # Ablation switches (part of the architecture: they change the graph)
     use_text_prompts: bool = True
     text_embed_dim: int = 512  # filled from the CLIP model at build time

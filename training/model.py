@@ -358,6 +358,8 @@ class Segmentor(nn.Module):
         noise = torch.randn(1, 1, side, side, generator=torch.Generator().manual_seed(NOISE_SEED))
         self.register_buffer("start_noise", noise, persistent=False)
         self.register_buffer("smooth_kernel", gaussian_kernel(cfg.smoothing_sigma), persistent=False)
+        # the segmentor term's weight in the map: cfg.seg_weight until training chooses it (training/fusion.py)
+        self.register_buffer("fusion_weight", torch.tensor(float(cfg.seg_weight)))
 
     # -- features shared by the coarse head and the denoiser --------------------------------
     def features(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor):
@@ -433,7 +435,7 @@ class Segmentor(nn.Module):
     def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor,
                 normal_bank: Tensor, normal_stats: Tensor):
         prob, units = self.maps(feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats)
-        amap = units + self.cfg.seg_weight * prob
+        amap = units + self.fusion_weight * prob
         return amap, amap.flatten(1).amax(dim=1, keepdim=True)
 
 
@@ -521,6 +523,12 @@ def legacy_keys(model: PromptMAD, state: dict[str, Tensor]) -> list[str]:
     if model.segmentor.denoiser is None:
         dropped += [k for k in state if k.startswith("segmentor.denoiser.")]
     return [k for k in dropped if k in state]
+
+
+def legacy_fill(model: PromptMAD, state: dict[str, Tensor]) -> None:
+    """Adds what a checkpoint written before the fusion weight was chosen lacks: its weight was the
+    architecture's seg_weight."""
+    state.setdefault("segmentor.fusion_weight", torch.tensor(float(model.cfg.seg_weight)))
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_backbone: bool = True) -> PromptMAD:

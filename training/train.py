@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from promptmad.errors import ConfigError, DatasetError
-from promptmad.training.calibration import calibrate, fit_normal_banks, split_calibration
+from promptmad.training.calibration import calibrate, fit_normal_banks, held_out_frames, split_calibration
+from promptmad.training.fusion import fit_fusion_weight
 from promptmad.training.checkpoint import (RunInfo, atomic_write_text, load_trainer_state, load_weights, probe_writable,
                                            save_prompt_images, save_run, save_trainer_state)
 from promptmad.training.config import ModelConfig, load_arch
@@ -295,7 +296,10 @@ def train(cfg: TrainConfig) -> Path:
     run.model.eval()
     data = run.data
     fit_normal_banks(run.model, data.train, data.calib, data.class_to_id, run.arch.image_size, proc.device)
-    calibration = calibrate(run.model, data.calib, data.class_to_id, run.arch.image_size, proc.device) if data.calib else {}
+    calibration = {}
+    if data.calib:
+        fusion = fit_fusion_weight(run.model, held_out_frames(data.calib, data.class_to_id, run.arch.image_size), proc.device)
+        calibration = {**calibrate(run.model, data.calib, data.class_to_id, run.arch.image_size, proc.device), "fusion": fusion}
     run.save(done, calibration)
     _end_process(proc)
     if proc.rank == 0:
