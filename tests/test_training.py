@@ -181,3 +181,42 @@ def test_distributed_data_parallel_two_cpu_processes(tiny_dataset, tmp_path, dif
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["training"]["steps_done"] == 2
     load_model(out)
+
+
+def test_same_class_partner_is_another_frame_of_the_class():
+    """Random prompt mode: every frame's prompt is a different frame of its own class, all of them
+    drawn over time; a frame alone in its class gets -1 (its fixed prompt)."""
+    from promptmad.training.objective import same_class_partner
+
+    ids = torch.tensor([0, 1, 0, 2, 0, 1])
+    g = torch.Generator().manual_seed(0)
+    seen = {i: set() for i in range(6)}
+    for _ in range(200):
+        p = same_class_partner(ids, g)
+        assert p[3] == -1
+        for i in (0, 1, 2, 4, 5):
+            assert p[i] != i and ids[p[i]] == ids[i]
+            seen[i].add(int(p[i]))
+    assert seen[0] == {2, 4} and seen[2] == {0, 4} and seen[1] == {5}
+
+
+@pytest.mark.parametrize("mode", ["random", "fixed"])
+def test_training_prompt_is_the_partner_frame_or_the_fixed_image(mode):
+    """The reconstructor is prompted with the partner's clean features (random) or the class's fixed
+    prompt image (fixed, and for a frame alone in its class)."""
+    from promptmad.training.objective import same_class_partner
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    ids = torch.tensor([0, 0, 1])
+    f16 = m.encoder(torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8))[2]
+    step = TrainStep(m, "focal", 1.0, torch.Generator().manual_seed(3), prompt_mode=mode)
+    with torch.no_grad():
+        got = step._prompt_tokens(f16, ids)
+        partner = same_class_partner(ids, torch.Generator().manual_seed(3))
+        if mode == "random":
+            assert partner.tolist() == [1, 0, -1]
+            want = m.reconstructor.encode_prompt(torch.cat([f16[[1, 0]], m.prompt_feat16[[1]]]))
+        else:
+            want = m.prompt_tokens(ids)
+    assert torch.allclose(got, want, atol=1e-6)

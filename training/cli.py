@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from promptmad.training.data.names import LAYOUT_CHOICES
-from promptmad.training.names import DEFAULT_STEPS, LOSSES, VARIANTS
+from promptmad.training.names import DEFAULT_STEPS, LOSSES, PROMPT_MODES, VARIANTS
 
 
 def _add_data_arguments(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -51,6 +51,9 @@ def _register_train(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
     p.add_argument("--clip-weights", help="local open_clip checkpoint for the text prompts (without it: random init, with a warning)")
     p.add_argument("--loss", default=LOSSES[0], choices=LOSSES, help="segmentation loss (bce = ablation)")
+    p.add_argument("--prompt-mode", default=PROMPT_MODES[0], choices=PROMPT_MODES,
+                   help="reconstructor prompt while training: a random other normal frame of the class "
+                        "(default; the model learns to use any prompt, as `classes add` needs) or the fixed image (ablation)")
     p.add_argument("--no-text-prompts", action="store_true", help="ablation: disable the CLIP text prompts")
     p.add_argument("--diffusion-steps", type=int, help="override the architecture's diffusion steps (0 = no refinement)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a checkpoint")
@@ -91,7 +94,7 @@ def _train(args) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, classes=args.classes, layout=args.layout, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_workers=args.workers, clip_weights=args.clip_weights,
-        loss=args.loss, use_text_prompts=False if args.no_text_prompts else None, diffusion_steps=args.diffusion_steps,
+        loss=args.loss, prompt_mode=args.prompt_mode, use_text_prompts=False if args.no_text_prompts else None, diffusion_steps=args.diffusion_steps,
         resume=not args.no_resume, device=args.device,
     )
     out = train(cfg)

@@ -476,10 +476,11 @@ class PromptMAD(nn.Module):
         feats = self.prompt_feat16 if class_ids is None else self.prompt_feat16[class_ids]
         return self.reconstructor.encode_prompt(feats)
 
-    def forward_features(self, feat16: Tensor, class_ids: Tensor, prompt_tokens_all: Tensor | None = None):
+    def forward_features(self, feat16: Tensor, class_ids: Tensor, prompt_tokens: Tensor | None = None):
         """(reconstructed normal feat16, text embedding) of each frame, from its class's prompts.
-        `prompt_tokens_all`: every class's tokens when the caller has them already (training)."""
-        tokens = (prompt_tokens_all if prompt_tokens_all is not None else self.prompt_tokens())[class_ids]
+        `prompt_tokens`: each frame's normal-image prompt tokens [B, N, d] when the caller chose them
+        (training draws a random same-class normal image); default: its class's fixed prompt."""
+        tokens = self.prompt_tokens(class_ids) if prompt_tokens is None else prompt_tokens
         text = self.text_table[class_ids]
         recon = self.reconstructor(feat16, tokens, text)
         return recon, text

@@ -36,7 +36,7 @@ from promptmad.training.fusion import fit_fusion_weight
 from promptmad.training.checkpoint import (RunInfo, atomic_write_text, load_trainer_state, load_weights, probe_writable,
                                            save_prompt_images, save_run, save_trainer_state)
 from promptmad.training.config import ModelConfig, load_arch
-from promptmad.training.names import DEFAULT_STEPS, LOSSES
+from promptmad.training.names import DEFAULT_STEPS, LOSSES, PROMPT_MODES
 from promptmad.training.objective import TrainStep
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 1
     loss: str = "focal"  # "focal" | "bce" (ablation)
+    prompt_mode: str = PROMPT_MODES[0]  # training prompt: random same-class normal frame | fixed (names.py)
     use_text_prompts: bool | None = None  # None = architecture's value (ablation switch)
     diffusion_steps: int | None = None  # None = architecture's value (ablation: 0 vs 10)
     clip_weights: str | None = None
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ConfigError("batch_size", f"{self.batch_size}: must be >= 1")
         if self.loss not in LOSSES:
             raise ConfigError("loss", f"{self.loss!r}: choose 'focal' (PromptMAD) or 'bce' (ablation)")
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ConfigError("prompt_mode", f"{self.prompt_mode!r}: choose one of {', '.join(PROMPT_MODES)}")
         if not 0 <= self.calibration_fraction < 0.5:
             raise ConfigError("calibration_fraction", f"{self.calibration_fraction}: must be in [0, 0.5)")
         if not self.data:
@@ -190,7 +193,7 @@ class _Run:
         self.scheduler = _schedule(cfg, self.optimizer)
         generator = torch.Generator(device=proc.device)
         generator.manual_seed(cfg.seed * 1000 + proc.rank)
-        self.objective = TrainStep(self.model, cfg.loss, cfg.rec_weight, generator)
+        self.objective = TrainStep(self.model, cfg.loss, cfg.rec_weight, generator, prompt_mode=cfg.prompt_mode)
         self.losses: list[float] = []  # total loss of every step done, resumed ones included
 
     def _identity(self) -> dict:
