@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=ClientConfig.timeout_s, help="per-frame timeout in seconds")
     p.add_argument("--overlays", type=int, default=50, help="at most this many overlay PNGs of anomalous frames")
     p.set_defaults(func=_score)
+    from promptmad.client.live.cli import register as register_watch
+
+    register_watch(subparsers)  # `promptmad watch`: live cameras, next to `score`
 
 
 def _score(args) -> int:
@@ -40,22 +43,30 @@ def _score(args) -> int:
     from tqdm.auto import tqdm
 
     from promptmad.client import AnomalyClient
-    from promptmad.client.sources import iter_source
+    from promptmad.client.sources import iter_source, source_length
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = n_bad = n_err = n_overlay = 0
     latencies = []
+    # The frames in flight, for the overlays: the stream takes at most max_in_flight frames ahead of
+    # the results, so this holds that many, never the whole video.
+    in_flight: dict = {}
+
+    def frames():
+        for fid, frame in iter_source(args.source):
+            in_flight[fid] = frame
+            yield fid, frame
+
     with AnomalyClient(args.url, protocol=args.protocol, model=args.model, timeout_s=args.timeout,
                        max_in_flight=args.max_in_flight) as client, open(out / "scores.csv", "w", newline="") as fh:
         client.class_id(args.class_name)  # fail fast with the list of known classes
-        frames = list(iter_source(args.source))
-        originals = dict(frames)
         writer = csv.writer(fh)
         writer.writerow(["frame_id", "score", "verdict", "threshold", "latency_ms", "error"])
-        for r in tqdm(client.stream(frames, args.class_name, max_in_flight=args.max_in_flight), total=len(frames),
-                      desc=f"score {args.class_name}", dynamic_ncols=True):
+        for r in tqdm(client.stream(frames(), args.class_name, max_in_flight=args.max_in_flight),
+                      total=source_length(args.source), desc=f"score {args.class_name}", dynamic_ncols=True):
             n += 1
+            original = in_flight.pop(r.frame_id, None)
             latency = f"{1000 * r.latency_s:.1f}"
             if r.verdict == "error":  # the result's own verdict: an unjudged frame is never written as a pass
                 n_err += 1
@@ -66,9 +77,9 @@ def _score(args) -> int:
             if r.verdict == "fail":
                 n_bad += 1
                 if n_overlay < args.overlays:
-                    _overlay(out / "overlays" / (str(r.frame_id).replace("/", "_").rsplit(".", 1)[0] + ".png"),
-                             originals[r.frame_id], r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > threshold {r.threshold:.3g}",
-                             r.threshold)
+                    overlay(out / "overlays" / overlay_name(r.frame_id),
+                            original, r.anomaly_map, f"{args.class_name} {r.frame_id}: score {r.score:.3f} > threshold {r.threshold:.3g}",
+                            r.threshold)
                     n_overlay += 1
     p50 = 1000 * float(np.median(latencies)) if latencies else float("nan")
     print(f"{n} frames: {n_bad} fail, {n - n_bad - n_err} pass, {n_err} errors; median latency {p50:.0f} ms\n"
@@ -76,7 +87,19 @@ def _score(args) -> int:
     return 0 if n_err == 0 else 1
 
 
-def _overlay(path, frame, amap, title, threshold):
+def overlay_name(frame_id) -> str:
+    """An overlay's file name: an image's id without its suffix, a video frame's id ("clip.mp4#000012")
+    whole (cutting at its last dot named every frame of a video "clip.png", each overwriting the last)."""
+    from pathlib import Path
+
+    from promptmad.contract import IMAGE_SUFFIXES
+
+    name = str(frame_id).replace("/", "_")
+    return (name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES else name) + ".png"
+
+
+def overlay(path, frame, amap, title, threshold):
+    """The overlay PNG of one anomalous frame (an array, or an image file's path)."""
     import numpy as np
     from PIL import Image
 

@@ -48,4 +48,22 @@ if ! have_libb64; then
     echo "[setup] note: 'promptmad bench' needs Debian's libb64-0d (sudo apt-get install libb64-0d)"
   fi
 fi
+# Live cameras (`promptmad watch`, tests/test_live_*.py): ffmpeg publishes the test streams, GStreamer
+# reads pipeline sources, and Debian's gst-rtsp-server (through the system python3-gi) is the local
+# RTSP server of scripts/rtsp_server.py. PyAV (PyPI `av`, a dependency) decodes with its own ffmpeg.
+LIVE_DEBS="ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi"
+missing_debs() {
+  for p in $LIVE_DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done
+}
+if command -v dpkg-query >/dev/null && [ -n "$(missing_debs)" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian packages for live cameras: $(missing_debs | tr '\n' ' ')"
+    # shellcheck disable=SC2046
+    (apt-get install -y -q --no-install-recommends $(missing_debs) >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(missing_debs) >/dev/null; }) \
+      || echo "[setup] warning: could not install $(missing_debs | tr '\n' ' '); live-camera tests need them"
+  else
+    echo "[setup] note: live cameras and their tests need Debian's $(missing_debs | tr '\n' ' ') (sudo apt-get install ...)"
+  fi
+fi
 echo "[setup] ready: .venv/bin/promptmad --help"
