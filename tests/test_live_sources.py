@@ -167,3 +167,18 @@ def test_max_fps_skips_on_live_and_paces_files(tmp_path):
                        reconnect=False, max_fps=10, policy=WAIT)
     frames, _, st = run(gst)
     assert st.decoded == 40 and st.skipped > 0 and len(frames) == 40 - st.skipped
+
+
+def test_results_leave_in_frame_order_when_answers_come_out_of_order(tmp_path):
+    video = make_video(tmp_path / "clip.mp4", seconds=2, fps=10)
+    answered = []
+
+    def uneven(image, class_name, frame_id=None):  # even frames take longer: answers overtake each other
+        index = int(frame_id.rsplit("#", 1)[1])
+        time.sleep(0.05 if index % 2 == 0 else 0.0)
+        answered.append(index)
+        return fake_scorer()(image, class_name, frame_id)
+
+    frames, _, st = run(SourceConfig("cam", str(video), "brick", depth=4), scorer=uneven)
+    assert answered != sorted(answered)  # the scorer really answered out of order
+    assert [f.index for f in frames] == list(range(20)) and st.scored == 20

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from promptmad.client.core import ClientConfig
+from promptmad.client.errors import ClientConfigError
 from promptmad.client.live.config import SourceConfig
 from promptmad.client.live.errors import LiveConfigError
 
@@ -55,7 +56,10 @@ class LineConfig:
         port = self.metrics_port
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
             raise LiveConfigError("output.metrics_port", f"{port!r}: must be a TCP port 1-65535, or left out for no metrics")
-        ClientConfig(url=self.url, protocol=self.protocol, model=self.model, timeout_s=self.timeout_s)  # same checks as the SDK
+        try:  # the SDK's own checks, named as the file names them
+            ClientConfig(url=self.url, protocol=self.protocol, model=self.model, timeout_s=self.timeout_s)
+        except ClientConfigError as exc:
+            raise LiveConfigError(f"server.{exc.field}", str(exc).split(": ", 1)[-1]) from None
 
 
 def camera_config(table: dict, n: int) -> SourceConfig:
