@@ -43,12 +43,13 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 
 class Publisher:
     """ffmpeg playing a camera: a generated pattern, at real-time pace, as MPEG-TS (H.264) to `url`
-    (tcp://...?listen=1 to be the server a client connects to, udp://... to send datagrams)."""
+    (tcp://...?listen=1 or http://... with listen=True to be the server a client connects to, udp://...
+    to send datagrams)."""
 
-    def __init__(self, url: str, *, size: str = "96x72", fps: int = 25, seconds: float = 60):
+    def __init__(self, url: str, *, size: str = "96x72", fps: int = 25, seconds: float = 60, listen: bool = False):
         self.cmd = [require_ffmpeg(), "-loglevel", "error", "-re", "-f", "lavfi", "-i", f"testsrc=size={size}:rate={fps}",
                     "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", str(fps),
-                    "-f", "mpegts", url]
+                    "-f", "mpegts", *(["-listen", "1"] if listen else []), url]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Publisher":

@@ -115,3 +115,28 @@ def test_line_config_file(tmp_path):
         bad.write_text(text)
         with pytest.raises(LiveConfigError, match=match):
             load_line(bad)
+
+
+@pytest.mark.parametrize("policy", ["wait", "drop-oldest"])
+def test_server_outage_wait_resends_drop_oldest_reports(tmp_path, policy):
+    """The server unavailable for a moment (a restart): a wait camera re-sends and loses no frame; a
+    drop-oldest camera reports the frames of the outage as errors and goes on."""
+    from promptmad.client.errors import ServerUnavailable
+
+    video = make_video(tmp_path / "clip.mp4", seconds=1, fps=10)
+    outage = {"left": 2}
+
+    def restarting(image, class_name, frame_id=None):
+        if frame_id.endswith("#000004") and outage["left"]:
+            outage["left"] -= 1
+            raise ServerUnavailable("server unreachable: connection refused")
+        return fake_scorer()(image, class_name, frame_id)
+
+    got = []
+    with Pipeline(restarting, [CallbackSink(lambda f, r, lat: got.append(r))]) as line:
+        line.add(SourceConfig("cam", str(video), "brick", policy=policy, buffer=16))  # room for the whole file
+        assert line.wait(30)
+    assert [r.frame_id for r in got] == [f"cam#{i:06d}" for i in range(10)]
+    errors = [r.frame_id for r in got if not r.ok]
+    assert errors == ([] if policy == "wait" else ["cam#000004"])
+    assert isinstance(got[4].error, ServerUnavailable) or policy == "wait"

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import pytest
+
 from promptmad.client.live import CallbackSink, Pipeline, SourceConfig
 from promptmad.client.live.limits import DROP_OLDEST, WAIT
 from tests.live_helpers import RtspServer, fake_scorer, make_video, wait_until
@@ -19,13 +22,21 @@ def test_drop_oldest_bounds_latency_and_counts_every_dropped_frame():
     with RtspServer(test_pattern=True) as camera, Pipeline(fake_scorer(SLOW_S), [CallbackSink(lambda f, r, lat: got.append((f, lat)))]) as line:
         line.add(SourceConfig("cam", camera.url, "brick", policy=DROP_OLDEST, depth=1))
         wait_until(lambda: len(got) >= 3, 20, "the first results")
+        n0, t0 = len(got), time.monotonic()
         time.sleep(RUN_S)
+        service_s = (time.monotonic() - t0) / max(1, len(got) - n0)  # the scorer's real pace (SLOW_S on an idle machine)
         st = line.remove("cam")  # frames still buffered are dropped, and counted
     assert st.decoded >= 0.6 * 25 * RUN_S, st  # the camera really ran at ~25 fps
     assert st.scored == len(got) <= 1.3 * RUN_S / SLOW_S + 10  # ~5 fps scored
     assert st.dropped == st.decoded - st.skipped - st.scored > 0  # every frame not scored is a counted drop
-    latencies = sorted(lat for _, lat in got)
-    assert st.latency_p99_s < 1.0 and latencies[-1] < 1.2, (st.latency_p50_s, st.latency_p99_s, latencies[-5:])
+    # A frame waits behind at most the buffer's other frame and the one being scored, then is scored:
+    # (buffer + depth) services. 1 s on an idle machine (0.2 s per frame); wider only if the machine is
+    # so loaded that the scorer itself runs slower. Without dropping it grows with the run (5 s here).
+    # Measured after the first results (the start-up: the stream's probe burst, the scorer's threads).
+    bound = max(1.0, (2 + 1) * service_s + 0.3)
+    steady = np.array([lat for _, lat in got[n0:]])
+    assert np.percentile(steady, 99) < bound, (bound, service_s, np.percentile(steady, [50, 99]), sorted(steady)[-5:])
+    assert st.latency_p99_s == pytest.approx(np.percentile([lat for _, lat in got], 99))  # the watchdog reads the same
     indices = [f.index for f, _ in got]
     assert indices == sorted(indices)  # the newest frames are scored, in order
 
@@ -38,3 +49,18 @@ def test_wait_loses_no_frame(tmp_path):
         assert line.wait(30)
         st = line.status()["file"]
     assert got == list(range(50)) and (st.decoded, st.scored, st.dropped) == (50, 50, 0)
+
+
+def test_stream_lag_shows_the_backlog_wait_builds_on_a_live_camera():
+    """wait on a live camera: the reader is held back and the backlog piles up before the decoder,
+    where a frame's capture stamp cannot see it; the watchdog's stream lag does. drop-oldest keeps up."""
+    lags = {}
+    with RtspServer(test_pattern=True) as camera, Pipeline(fake_scorer(SLOW_S)) as line:
+        line.add(SourceConfig("held", camera.url, "brick", policy=WAIT, depth=1))
+        line.add(SourceConfig("fresh", camera.url, "brick", policy=DROP_OLDEST, depth=1))
+        wait_until(lambda: all(s.scored >= 3 for s in line.status().values()), 20, "both cameras scoring")
+        time.sleep(RUN_S)
+        lags = {k: s.stream_lag_s for k, s in line.status().items()}
+    # idle machine: held ~4 s behind after 5 s, fresh ~0; a starved machine puts both readers behind,
+    # the held one still seconds further
+    assert lags["held"] > 2.0 and lags["held"] > lags["fresh"] + 1.5, lags

@@ -72,12 +72,13 @@ def test_gstreamer_pipeline_source():
     (lambda d: (d / "notes.mp4").write_text("this is not a video\n" * 50), lambda d: str(d / "notes.mp4"), "not a video"),
     (None, lambda d: str(d / "missing.mp4"), "video file .* not found"),
     (None, lambda d: "/dev/video97", "device /dev/video97 does not exist"),
+    (None, lambda d: "gst:nosuchelement ! fakesink", 'GStreamer: .*no element "nosuchelement"'),
 ])
 def test_bad_sources_fail_clearly(tmp_path, make, uri_of, match):
     if make:
         make(tmp_path)
     uri = uri_of(tmp_path)
-    once = {"max_reconnects": 0} if uri.startswith("/dev/") else {}  # a device is retried (unplugged USB): not here
+    once = {"max_reconnects": 0} if uri.startswith(("/dev/", "gst:")) else {}  # live kinds are retried: not here
     frames, _, st = run(SourceConfig("bad", uri, "brick", **once), timeout=15)
     assert frames == [] and st.state == FAILED
     assert pytest.approx(0) == st.scored and st.error and __import__("re").search(match, st.error), st.error

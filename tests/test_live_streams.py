@@ -1,4 +1,4 @@
-"""Real streams on loopback: ffmpeg publishes a generated video as MPEG-TS over TCP and UDP, and
+"""Real streams on loopback: ffmpeg publishes a generated video as MPEG-TS over TCP, UDP and HTTP, and
 through a real RTSP server (Debian's gst-rtsp-server); the publisher is killed mid-stream and
 restarted: the source reconnects, the gap is reported (status and JSON Lines), results resume."""
 
@@ -22,6 +22,9 @@ def transports(kind: str, server: RtspServer | None):
     if kind == "tcp":
         port = free_port()
         return f"tcp://127.0.0.1:{port}", lambda: Publisher(f"tcp://127.0.0.1:{port}?listen=1")
+    if kind == "http":  # ffmpeg's own HTTP server (-listen 1), as an IP camera's http://.../video.ts
+        port = free_port()
+        return f"http://127.0.0.1:{port}/cam.ts", lambda: Publisher(f"http://127.0.0.1:{port}/cam.ts", listen=True)
     if kind == "udp":
         port = free_port(socket.SOCK_DGRAM)
         return f"udp://127.0.0.1:{port}", lambda: Publisher(f"udp://127.0.0.1:{port}?pkt_size=1316")
@@ -33,32 +36,32 @@ def mid_stream(gaps):
     return [g for g in gaps if g.last_index >= 0]
 
 
-@pytest.mark.parametrize("kind", ["tcp", "udp", "rtsp"])
+@pytest.mark.parametrize("kind", ["tcp", "udp", "http", "rtsp"])
 def test_publisher_killed_and_restarted_source_reconnects(kind, tmp_path):
     server = RtspServer().__enter__() if kind == "rtsp" else None
     try:
         url, publisher = transports(kind, server)
         got = []
-        cfg = SourceConfig("cam", url, "brick", read_timeout_s=1.0, open_timeout_s=2.0)
+        cfg = SourceConfig("cam", url, "brick", read_timeout_s=1.0, open_timeout_s=5.0)
         with Pipeline(fake_scorer(), [CallbackSink(lambda f, r, lat: got.append(f)), JsonlSink(tmp_path / "r.jsonl")]) as line:
             first = publisher().start()
             line.add(cfg)
-            wait_until(lambda: len(got) >= 15, 20, f"{kind}: first results")
+            wait_until(lambda: len(got) >= 15, 40, f"{kind}: first results")
             first.kill()  # SIGKILL: no end of stream; TCP sees EOF, UDP and RTSP only silence
             killed_at = time.time()
-            wait_until(lambda: line.status()["cam"].state == RECONNECTING, 10, f"{kind}: the stop noticed")
-            before = len(got)
+            # a reader behind the stream (a loaded machine) first decodes what it had, then notices
+            wait_until(lambda: line.status()["cam"].state == RECONNECTING, 30, f"{kind}: the stop noticed")
             time.sleep(DOWN_S)
             with publisher():
-                wait_until(lambda: mid_stream(line.status()["cam"].gaps), 20, f"{kind}: the gap reported")
-                wait_until(lambda: len(got) >= before + 15, 20, f"{kind}: results resumed")
+                last = wait_until(lambda: mid_stream(line.status()["cam"].gaps), 40, f"{kind}: the gap reported")[0].last_index
+                wait_until(lambda: sum(f.index > last for f in got) >= 15, 40, f"{kind}: results resumed")
                 st = line.status()["cam"]
         gaps = mid_stream(st.gaps)
         gap = gaps[0]
         assert st.state == CONNECTED and len(gaps) == 1 and st.reconnects >= 1
-        # the last frame before the gap was sent before the kill (it may be decoded a little later: the
-        # socket and the decoder hold a few frames)
-        assert gap.seconds >= DOWN_S and killed_at - 1 <= gap.started_at <= killed_at + 3 and gap.reason
+        # the gap starts at the last frame before the kill, decoded then or a little later (the socket and
+        # the decoder hold a few frames; a starved reader runs behind the stream)
+        assert gap.seconds >= DOWN_S and gap.started_at >= killed_at - 1 and gap.reason
         resumed = [f for f in got if f.index > gap.last_index]
         assert len(resumed) >= 15 and resumed[0].captured_at >= gap.ended_at - 0.5
         indices = [f.index for f in got]

@@ -60,6 +60,19 @@ def line_from_args(args):
 
 
 def _watch(args) -> int:
+    """Typed SDK errors (server unreachable, unknown class) end the command with one line, no traceback."""
+    import sys
+
+    from promptmad.client.errors import ClientError
+
+    try:
+        return _run(args)
+    except ClientError as exc:
+        print(f"promptmad watch: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     import json
     import sys
     import time

@@ -54,8 +54,8 @@ def open_video(cfg: SourceConfig):
         _stop(proc)
         raise
     except (av.FFmpegError, OSError) as exc:
-        _stop(proc)
-        raise SourceError(cfg.source_id, f"cannot open {cfg.uri}: {describe(exc)}") from None
+        why = gst_error(proc) or describe(exc)
+        raise SourceError(cfg.source_id, f"cannot open {cfg.uri}: {why}") from None
     try:
         if not container.streams.video:
             raise SourceError(cfg.source_id, f"{cfg.uri} has no video stream")
@@ -91,7 +91,16 @@ def launch_gstreamer(cfg: SourceConfig) -> subprocess.Popen:
     pipeline = cfg.uri[len(GST_PREFIX):] if cfg.uri.startswith(GST_PREFIX) else cfg.uri
     # gst-launch parses its arguments as tokens: a single quoted string is a syntax error
     return subprocess.Popen([exe, "-q", *shlex.split(f"{pipeline} {GST_TAIL}")], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE)
+
+
+def gst_error(proc: subprocess.Popen | None) -> str:
+    """What gst-launch said before it failed (a bad element name, a caps mismatch), once it is stopped."""
+    if proc is None:
+        return ""
+    _stop(proc)
+    lines = [x for x in proc.stderr.read().decode(errors="replace").splitlines() if x.strip()]
+    return f"GStreamer: {' '.join(lines[-2:])}" if lines else ""
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -104,9 +113,18 @@ def decoded_frames(container, on_corrupt: Callable[[Exception], None]) -> Iterat
     """uint8 RGB frames of the container's first video stream, lazily. A packet the decoder rejects
     (a corrupt frame) is skipped and reported to `on_corrupt`; a demuxer error (the stream or the
     network failed) propagates: the source stopped."""
+    for arr, _ in timed_frames(container, on_corrupt):
+        yield arr
+
+
+def timed_frames(container, on_corrupt: Callable[[Exception], None], *, live: bool = False
+                 ) -> Iterator[tuple[np.ndarray, float | None]]:
+    """decoded_frames with each frame's presentation time in seconds (None when the stream has none).
+    A live source decodes without frame threading: it holds one frame per thread before the first
+    comes out, latency a camera's result should not carry; a file wants the throughput."""
     av = _av()
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = "SLICE" if live else "AUTO"
     for packet in container.demux(stream):
         try:
             frames = packet.decode()
@@ -114,7 +132,7 @@ def decoded_frames(container, on_corrupt: Callable[[Exception], None]) -> Iterat
             on_corrupt(exc)
             continue
         for frame in frames:
-            yield frame.to_ndarray(format="rgb24")
+            yield frame.to_ndarray(format="rgb24"), frame.time
 
 
 def describe(exc: BaseException) -> str:

@@ -35,6 +35,11 @@ RATE_WINDOW_S = 5.0
 LATENCY_SAMPLES = 2000
 GAPS_KEPT = 100  # the most recent reconnect gaps kept for status(); the count is total
 
+# A wait-policy camera (no frame lost) re-sends a frame while the server is unavailable (restarting),
+# up to this long, with the reconnect backoff; a drop-oldest camera reports the frame as an error at
+# once (by the time the server is back, newer frames are worth more).
+SERVER_WAIT_S = 60.0
+
 # Source states, as status() and the Prometheus gauge report them.
 CONNECTING = "connecting"
 CONNECTED = "connected"

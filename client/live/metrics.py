@@ -24,6 +24,7 @@ class StatusCollector:
                                     labels=["source", "quantile"])
         frames = CounterMetricFamily(f"{PREFIX}_frames", "frames by outcome", labels=["source", "outcome"])
         reconnects = CounterMetricFamily(f"{PREFIX}_reconnects", "reopen attempts of a stopped source", labels=["source"])
+        lag = GaugeMetricFamily(f"{PREFIX}_stream_lag_seconds", "how far the reader is behind a live stream", labels=["source"])
         state = GaugeMetricFamily(f"{PREFIX}_state", "1 for the source's current state", labels=["source", "state"])
         for s in statuses:
             fps.add_metric([s.source_id, "decode"], s.decode_fps)
@@ -34,9 +35,10 @@ class StatusCollector:
             for name in COUNTS:
                 frames.add_metric([s.source_id, name], getattr(s, name))
             reconnects.add_metric([s.source_id], s.reconnects)
+            lag.add_metric([s.source_id], s.stream_lag_s)
             for st in STATES:
                 state.add_metric([s.source_id, st], float(s.state == st))
-        yield from (fps, latency, frames, reconnects, state)
+        yield from (fps, latency, frames, reconnects, lag, state)
 
 
 def serve_metrics(pipeline, port: int, addr: str = "127.0.0.1"):

@@ -13,7 +13,7 @@ from promptmad.client.live import limits
 from promptmad.client.live.backoff import Backoff
 from promptmad.client.live.buffer import FrameBuffer
 from promptmad.client.live.config import SourceConfig
-from promptmad.client.live.decode import decoded_frames, describe, open_video
+from promptmad.client.live.decode import describe, open_video, timed_frames
 from promptmad.client.live.errors import SourceError
 from promptmad.client.live.frame import Gap, LiveFrame
 from promptmad.client.live.kinds import FOLDER, LIST
@@ -21,6 +21,27 @@ from promptmad.client.live.stats import SourceStats
 
 log = logging.getLogger(__name__)
 EOF_REASON = "end of stream (EOF)"
+
+
+class StreamLag:
+    """How far the reader is behind a live stream: its wall-minus-stream-time offset now, above the
+    smallest offset seen in this pass (the frames that came soonest). It grows when frames pile up
+    before the decoder (a reader slower than the camera, or blocked by the wait policy): a backlog
+    the capture->result latency cannot see, since a frame is stamped when it is grabbed. Files,
+    read faster than real time, stay at 0."""
+
+    def __init__(self):
+        self.best: float | None = None  # the smallest (monotonic - stream time) seen
+        self.last_pts = float("-inf")
+
+    def update(self, pts: float | None, now: float) -> float:
+        if pts is None:
+            return 0.0
+        offset = now - pts
+        if self.best is None or pts < self.last_pts or offset < self.best:  # first, clock went back, or sooner
+            self.best = offset
+        self.last_pts = pts
+        return offset - self.best
 
 
 class SourceReader:
@@ -113,9 +134,11 @@ class SourceReader:
             with open_video(self.cfg) as container:
                 if gap_reason is None:
                     self.stats.set_state(limits.CONNECTED)
-                for arr in decoded_frames(container, self._corrupt):
+                lag = StreamLag()
+                for arr, pts in timed_frames(container, self._corrupt, live=self.cfg.live):
                     if self.index == first_index and gap_reason is not None:
                         self._gap_closed(gap_reason, backoff)
+                    self.stats.set_lag(lag.update(pts, time.monotonic()))
                     if self.stopping or not self._emit(arr, arr.shape):
                         return None, first_index
         except SourceError as exc:

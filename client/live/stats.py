@@ -63,6 +63,7 @@ class SourceStatus:
     gaps: tuple[Gap, ...] = ()
     error: str | None = None
     resolution: tuple[int, int] | None = None  # (width, height) of the last frame
+    stream_lag_s: float = 0.0  # how far the reader is behind a live stream (reader.StreamLag)
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "gaps"}
@@ -84,6 +85,7 @@ class SourceStats:
     reconnects: int = 0
     resolution_changes: int = 0
     resolution: tuple[int, int] | None = None
+    stream_lag_s: float = 0.0
     gaps: deque = field(default_factory=lambda: deque(maxlen=limits.GAPS_KEPT))
     latencies: deque = field(default_factory=lambda: deque(maxlen=limits.LATENCY_SAMPLES))
     decode_rate: RateMeter = field(default_factory=RateMeter)
@@ -108,6 +110,9 @@ class SourceStats:
             self.latencies.append(latency_s)
             self.infer_rate.tick(time.monotonic())
 
+    def set_lag(self, seconds: float) -> None:
+        self.stream_lag_s = seconds  # one float written by one thread: no lock needed
+
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + n)
@@ -130,4 +135,4 @@ class SourceStats:
             return SourceStatus(self.source_id, self.class_name, self.state, self.decode_rate.rate(now),
                                 self.infer_rate.rate(now), p50, p99, self.decoded, self.skipped, dropped, self.scored,
                                 self.errored, self.corrupt, self.reconnects, self.resolution_changes, tuple(self.gaps),
-                                self.error, self.resolution)
+                                self.error, self.resolution, self.stream_lag_s)

@@ -12,8 +12,9 @@ from collections import deque
 from typing import Callable
 
 from promptmad.client.core import AnomalyResult, error_result
-from promptmad.client.errors import ClientError, InferenceFailed
+from promptmad.client.errors import ClientError, InferenceFailed, ServerUnavailable
 from promptmad.client.live import limits
+from promptmad.client.live.backoff import Backoff
 from promptmad.client.live.buffer import FrameBuffer
 from promptmad.client.live.config import SourceConfig
 from promptmad.client.live.frame import LiveFrame
@@ -73,13 +74,20 @@ class SourceWorker:
                     concurrent.futures.wait([inflight[0][1]], timeout=limits.POLL_S)
 
     def _score_one(self, frame: LiveFrame) -> AnomalyResult:
-        try:
-            return self.scorer(frame.image, self.cfg.class_name, frame_id=frame.frame_id)
-        except ClientError as exc:  # this frame's error result; the camera goes on
-            return error_result(frame.frame_id, self.cfg.class_name, math.nan, exc)
-        except Exception as exc:  # a scorer's own failure is reported the same way, never a silent gap
-            wrapped = InferenceFailed(f"frame {frame.frame_id}: scorer raised {type(exc).__name__}: {exc}")
-            return error_result(frame.frame_id, self.cfg.class_name, math.nan, wrapped)
+        backoff, deadline = Backoff(None), time.monotonic() + limits.SERVER_WAIT_S
+        while True:
+            try:
+                return self.scorer(frame.image, self.cfg.class_name, frame_id=frame.frame_id)
+            except ServerUnavailable as exc:  # a restarting server: wait for it where no frame may be lost
+                if self.cfg.policy != limits.WAIT or time.monotonic() >= deadline or self.reader.stopping:
+                    return error_result(frame.frame_id, self.cfg.class_name, math.nan, exc)
+                log.warning("source %r: server unavailable (%s); re-sending frame %s", self.cfg.source_id, exc, frame.index)
+                time.sleep(min(backoff.next_delay(), max(0.0, deadline - time.monotonic())))
+            except ClientError as exc:  # this frame's error result; the camera goes on
+                return error_result(frame.frame_id, self.cfg.class_name, math.nan, exc)
+            except Exception as exc:  # a scorer's own failure is reported the same way, never a silent gap
+                wrapped = InferenceFailed(f"frame {frame.frame_id}: scorer raised {type(exc).__name__}: {exc}")
+                return error_result(frame.frame_id, self.cfg.class_name, math.nan, wrapped)
 
     def _finish(self, frame: LiveFrame, future: concurrent.futures.Future) -> None:
         result = future.result()
