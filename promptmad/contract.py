@@ -165,6 +165,11 @@ PROMPT_BANK_TABLES = {TEXT_EMBEDDING.name: TEXT_TABLE_FILE, PROMPT_TOKENS.name: 
 # Parameters of the `promptmad` ensemble's config that clients read (values are strings; JSON where noted).
 PARAM_CLASS_NAMES = "class_names"  # JSON list, index = class_id
 PARAM_THRESHOLDS = "thresholds"  # JSON object class -> score threshold
+# Class ids are stable for ever (`promptmad classes`): a removed class keeps its id and table rows, its
+# entry in class_names becomes REMOVED_CLASS and its name moves to this parameter (prompt_bank and the
+# ensembles), so an id a stale client still holds is refused by name, never served as another product.
+PARAM_REMOVED_CLASSES = "removed_classes"  # JSON object "class_id" -> removed class name
+REMOVED_CLASS = ""  # class_names entry of a removed class (no class may be named this)
 PARAM_IMAGE_SIZE = "image_size"
 PARAM_MANIFEST_SHA256 = "manifest_sha256"
 PARAM_VERSION = "promptmad_version"

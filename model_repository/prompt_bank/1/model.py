@@ -6,6 +6,11 @@ ensembles), `prompt_tokens` FP32 [B, N, d] (the class's normal-image prompt), `n
 on held-out normal images). Each output is a row of a per-class table next to this file (TABLES,
 the contract's PROMPT_BANK_TABLES); the class names come from the `class_names` parameter, so
 error messages can name them.
+
+Class ids are stable (`promptmad classes add/remove` write a new version of this model): a removed
+class keeps its id and its rows, its `class_names` entry is "" and its name is in `removed_classes`;
+a request for it is refused by name, so a client holding a stale class list never gets a verdict
+against another product's prompts.
 """
 
 import json
@@ -30,6 +35,8 @@ class TritonPythonModel:
                        for name, f in TABLES.items()}
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.class_names = json.loads(params.get("class_names", "[]"))
+        # promptmad.contract.PARAM_REMOVED_CLASSES: "id" -> name of the classes removed (absent before any removal)
+        self.removed = {int(k): v for k, v in json.loads(params.get("removed_classes", "{}")).items()}
         rows = {TABLES[name]: t.shape[0] for name, t in self.tables.items()}
         if len(set(rows.values())) != 1:
             raise ValueError(f"prompt_bank tables disagree on the number of classes: {rows}; re-run `promptmad export`")
@@ -37,17 +44,31 @@ class TritonPythonModel:
             if not np.isfinite(table).all():  # fail at load, not with a NaN score per request
                 raise ValueError(f"{TABLES[name]}: contains NaN or inf; re-run `promptmad export`")
         self.n = next(iter(rows.values()))
+        if self.class_names and len(self.class_names) != self.n:  # names would be shifted against rows
+            raise ValueError(f"prompt_bank: class_names lists {len(self.class_names)} classes, the tables have {self.n} rows; "
+                             "re-run `promptmad export`")
+        # a removed class is "" in class_names (promptmad.contract.REMOVED_CLASS); its id is never reused
+        self.removed.update({i: self.removed.get(i, "?") for i, name in enumerate(self.class_names) if name == ""})
+
+    def _refusal(self, ids):
+        """The error of a request with an id this model does not serve, or None."""
+        n = self.n
+        for i in (int(i) for i in ids):
+            if i < 0 or i >= n:
+                known = ", ".join(f"{j}={name}" for j, name in enumerate(self.class_names) if j not in self.removed)
+                return f"class_id: unknown class id {i}; this model knows {n - len(self.removed)} classes ({known or f'0..{n - 1}'})"
+            if i in self.removed:
+                return (f"class_id: unknown class id {i}: class {self.removed[i]!r} was removed from this model "
+                        "(`promptmad classes remove`); ids are never reused: refresh the class list")
+        return None
 
     def execute(self, requests):
-        n = self.n
-        known = ", ".join(f"{i}={name}" for i, name in enumerate(self.class_names)) or f"0..{n - 1}"
         responses = []
         for request in requests:
             ids = pb_utils.get_input_tensor_by_name(request, "class_id").as_numpy().reshape(-1)
-            bad = [int(i) for i in ids if i < 0 or i >= n]
-            if bad:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                    f"class_id: unknown class id {bad[0]}; this model knows {n} classes ({known})")))
+            refusal = self._refusal(ids)
+            if refusal:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(refusal)))
                 continue
             idx = ids.astype(np.int64)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
