@@ -23,7 +23,8 @@ EXPORT_DESCRIPTION = (
 SERVE_DESCRIPTION = (
     "Start the tritonserver 2.51 that ships in the nvidia-pytriton wheel (Python backend, "
     "ensembles) on REPO. Listens on 127.0.0.1 only unless --host is given; models cannot be "
-    "loaded or unloaded remotely (model control mode none). The repository's manifest "
+    "loaded or unloaded remotely (model control mode none), except in --model-control-mode explicit, which "
+    "`promptmad classes` needs to add or remove a class while the server runs. The repository's manifest "
     "checksums are verified first. Shared memory, logging, trace and model-repository APIs need the "
     f"admin key in header '{contract.ADMIN_KEY_HEADER}' (${contract.ADMIN_KEY_ENV}, else a random key written to "
     "--admin-key-file). A step whose process dies makes the server restart on the same ports. "
@@ -69,7 +70,9 @@ def _register_serve(subparsers) -> None:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
-    s.add_argument("--model-control-mode", default="none", choices=["none", "poll", "explicit"])
+    s.add_argument("--model-control-mode", default="none", choices=["none", "poll", "explicit"],
+                   help="none (default): a verified private snapshot, read once. explicit: serves REPO itself and loads "
+                        "what `promptmad classes --server` asks for (admin key). poll: not recommended (SECURITY.md)")
     s.add_argument("--no-verify", action="store_true", help="do not verify the manifest checksums")
     s.add_argument("--log-verbose", type=int, default=0)
     s.add_argument("--admin-key-file", help="where to write the admin key, mode 0600 "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from promptmad import contract
 from promptmad.errors import ServeError
+from promptmad.export.pycache_block import is_blocker
 from promptmad.training.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
@@ -30,12 +31,13 @@ DIGEST_COVERS = ("sha256 of this manifest as canonical JSON (sort_keys, separato
 
 
 def artifact_checksums(repo: Path) -> dict[str, str]:
-    """sha256 of every file of the repository but manifest.json itself, by relative POSIX path."""
+    """sha256 of every file of the repository but manifest.json itself and the empty bytecode
+    blockers of a repository served in place (export/pycache_block.py), by relative POSIX path."""
     repo = Path(repo)
     out = {}
     for p in sorted(repo.rglob("*")):
         rel = p.relative_to(repo).as_posix()
-        if p.is_file() and rel != MANIFEST:
+        if p.is_file() and rel != MANIFEST and not is_blocker(p):
             out[rel] = sha256_file(p)
     return out
 

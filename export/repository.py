@@ -68,9 +68,12 @@ def templates_dir() -> Path:
 
 
 def _template_ignore(directory: str, names: list[str]) -> set[str]:
-    """What not to copy from the templates folder (it may also be a previously exported repository)."""
+    """What not to copy from the templates folder (it may also be a previously exported repository,
+    with versions that `promptmad classes` added beside the template's version 1)."""
     generated = {"__pycache__", "config.pbtxt", "manifest.json", *TEMPLATE_OF}
     skip = {n for n in names if n in generated or n.endswith((".onnx", ".plan", ".npy", ".tmp"))}
+    if Path(directory).parent == templates_dir():
+        skip |= {n for n in names if n.isdigit() and n != "1"}
     if Path(directory).name == "1" and Path(directory).parent.name in ENGINE_STEPS:
         skip |= {n for n in names if n == "model.py"}  # the ONNX-Runtime runner copy, re-added for python-ort
     return skip
@@ -321,7 +324,21 @@ def validate_repository(path: str | Path) -> None:
         version = path / step / "1"
         if not any((version / f).is_file() for f in (contract.ONNX_FILE, contract.PLAN_FILE)):
             raise ServeError(f"{version}: no {contract.ONNX_FILE} or {contract.PLAN_FILE}; re-run `promptmad export`")
+    bank = latest_version(path / contract.PROMPT_BANK.name)  # `promptmad classes` adds versions
     for f in contract.PROMPT_BANK_TABLES.values():
-        table = path / contract.PROMPT_BANK.name / "1" / f
-        if not table.is_file():
-            raise ServeError(f"{table}: missing; re-run `promptmad export`")
+        if not (bank / f).is_file():
+            raise ServeError(f"{bank / f}: missing; re-run `promptmad export`")
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The numeric version folders of a model, ascending."""
+    model_dir = Path(model_dir)
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()) if model_dir.is_dir() else []
+
+
+def latest_version(model_dir: Path) -> Path:
+    """The version folder Triton serves (its default version policy: the latest one)."""
+    found = versions(model_dir)
+    if not found:
+        raise ServeError(f"{model_dir}: no version folder; re-run `promptmad export`")
+    return Path(model_dir) / str(found[-1])

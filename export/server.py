@@ -31,6 +31,7 @@ from pathlib import Path
 
 from promptmad import contract
 from promptmad.errors import ServeError
+from promptmad.export.pycache_block import block_bytecode
 from promptmad.export.snapshot import make_workdir, snapshot_repository
 from promptmad.export.stale_shm import free_stale_regions
 
@@ -199,6 +200,8 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             f"--model-control-mode={self.model_control_mode}",
+            # explicit mode loads nothing at start unless told: every model, as the other modes do
+            *(["--load-model=*"] if self.model_control_mode == "explicit" else []),
             "--strict-readiness=true",
             # a model that fails to load stops the server (ready mode) instead of serving a broken ensemble
             f"--exit-on-error={'true' if self.wait_for == 'ready' else 'false'}",
@@ -224,13 +227,16 @@ class TritonServer:
 
     def _prepare(self) -> None:
         """A private folder for this start: the stubs' working directory (it is on their sys.path,
-        so it must hold nothing), and in model control mode none the snapshot Triton loads (the
-        other modes watch or load from the repository itself)."""
+        so it must hold nothing), and in model control mode none the snapshot Triton loads. The
+        other modes watch or load from the repository itself (`promptmad classes` adds versions to
+        it while it serves), so there its version folders get bytecode blockers (pycache_block.py)."""
         self._workdir = make_workdir()
         (self._workdir / "cwd").mkdir()
         self.served_repository = self.repository
         if self.model_control_mode == "none":
             self.served_repository = snapshot_repository(self.repository, self._workdir / "repository")
+        else:
+            block_bytecode(self.repository)
         if self.verify_manifest:
             from promptmad.export.manifest import verify_repository_checksums
 
