@@ -1,0 +1,159 @@
+"""A new product class without retraining (`promptmad classes add`): the rows it adds to prompt_bank's
+four per-class tables and its score threshold, computed by the trained model from a few normal images.
+
+Each row is made the way training and export make the trained classes' rows, so the served model cannot
+tell an onboarded class from a trained one by how its prompts were made:
+- text row [2, D]: the run's CLIP text tower and prompt ensemble (its seed, templates and state words;
+  for a trained class's name this gives that class's row bit for bit, which `reference` checks), with
+  the product words in place of the name (`words`) and optional defect words (PromptSet.defects);
+- prompt-token row [N, H]: the reconstructor's encoding of the FIRST image's encoder features (training
+  prompts each class with one normal image; further images only feed the bank);
+- normal bank [K, P]: the greedy coreset of the patch features of all the images (model.set_normal_bank);
+- units [2] (mean, std of the distance map) and threshold from normal images the bank was not built
+  from, as training calibrates: `held_out` images when given; else leave-one-out (image i against the
+  bank of the others: K - 1 images, a bank thinner than the served one, and only K scores: a loose
+  threshold); with one image and nothing held out, the image itself (its distances are 0, so the units
+  are tiny and nearly every frame of the class will be flagged: a loud warning says so).
+Threshold = max(mean + 3 std, max) of those images' scores with the full map (calibration.METHOD).
+
+The model given is modified (its per-class buffers become the new class's): load a fresh one per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from promptmad import contract
+from promptmad.errors import ConfigError
+from promptmad.training.deviation import build_bank, normal_stats
+
+log = logging.getLogger(__name__)
+
+CALIBRATIONS = ("held-out", "leave-one-out", "self")  # where a class's units and threshold came from
+_CHUNK = 16  # frames per forward pass
+_TEXT_ATOL = 1e-5  # a recomputed trained row must match this closely (unit vectors; BLAS may differ in the last bits)
+
+
+@dataclass(frozen=True)
+class ClassRows:
+    """One class's row of each prompt_bank table, its threshold and how it was calibrated."""
+
+    text: np.ndarray  # [2, D]
+    prompt: np.ndarray  # [N, H]
+    bank: np.ndarray  # [K, P]
+    stats: np.ndarray  # [2]
+    threshold: float
+    calibration: str  # one of CALIBRATIONS
+    scores: tuple[float, ...]  # the calibration images' scores
+
+    def tables(self) -> dict[str, np.ndarray]:
+        """The rows keyed by table file (contract.PROMPT_BANK_TABLES)."""
+        rows = {contract.TEXT_EMBEDDING.name: self.text, contract.PROMPT_TOKENS.name: self.prompt,
+                contract.NORMAL_BANK.name: self.bank, contract.NORMAL_STATS.name: self.stats}
+        return {contract.PROMPT_BANK_TABLES[k]: v for k, v in rows.items()}
+
+
+def text_row(model, info, words: str, *, defects: tuple[str, ...] = (), clip_weights: str | None = None,
+             reference: tuple[str, np.ndarray] | None = None) -> np.ndarray:
+    """The [2, D] text row of a product described by `words`. `reference`: (a trained class's name,
+    its served row); recomputing it with the same tower must give that row, else the tower is not the
+    one the run was trained with (other CLIP weights or seed) and the new row would not fit the model."""
+    from promptmad.training.prompts import PromptSet, build_text_table
+
+    prompt_set = PromptSet.from_dict(info.prompts)
+    if defects:
+        prompt_set = dataclasses.replace(prompt_set, defects={**prompt_set.defects, words: tuple(defects)})
+    names = [words] + ([reference[0]] if reference else [])
+    table, _ = build_text_table(names, clip_model=model.cfg.clip_model, clip_weights=clip_weights,
+                                prompt_set=prompt_set, seed=int(info.training.get("seed", 0)))
+    table = table.numpy().astype(np.float32)
+    if reference is not None and not np.allclose(table[1], reference[1], atol=_TEXT_ATOL):
+        trained_with = info.training.get("clip_weights")
+        fix = f"pass --clip-weights {trained_with}" if trained_with else "drop --clip-weights (the run was trained without)"
+        raise ConfigError("clip_weights", f"this CLIP text tower does not reproduce the run's row of class {reference[0]!r}, "
+                          f"so a new row would not fit the model; {fix}")
+    return table[0]
+
+
+def _bank(model, emb: torch.Tensor) -> torch.Tensor:
+    """A bank from patch embeddings [k, P, dim] of k images (model.set_normal_bank's recipe)."""
+    return build_bank(emb.reshape(-1, emb.shape[-1]), model.cfg.bank_size)
+
+
+def _ids(n_frames: int, n_banks: int) -> torch.Tensor:
+    """Frame i goes with bank i when there is one bank per frame, else all with bank 0."""
+    return torch.arange(n_frames) % n_banks
+
+
+def _distance_maps(model, frames: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
+    """Smoothed distance maps [M, S, S] of frames [M, S, S, 3] to their banks (see _ids)."""
+    ids = _ids(len(frames), len(banks))
+    return torch.cat([model.segmentor.deviation_map(*model.encoder(f), banks[i])
+                      for f, i in zip(frames.split(_CHUNK), ids.split(_CHUNK))])
+
+
+def _calibration_set(model, frames: torch.Tensor, held_out: torch.Tensor | None, emb: torch.Tensor,
+                     bank: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(images to calibrate on, their banks, CALIBRATIONS entry)."""
+    if held_out is not None:
+        return held_out, bank[None], "held-out"
+    k = len(frames)
+    if k > 1:
+        log.warning("class %s: no --held-out images: units and threshold from leave-one-out over the %d images (each "
+                    "scored against a bank of the other %d); the threshold is loose. Pass --held-out DIR (normal images "
+                    "not in --images) for a calibrated one", name, k, k - 1)
+        folds = torch.stack([_bank(model, torch.cat([emb[:i], emb[i + 1:]])) for i in range(k)])
+        return frames, folds, "leave-one-out"
+    log.warning("\n%s\n!! class %s: ONE image and no --held-out: its units and threshold come from the image itself,\n"
+                "!! whose patches are all in its own bank (distance 0). Other frames of the class will score far\n"
+                "!! above the threshold: nearly all will be flagged. Pass --held-out DIR or more --images.\n%s",
+                "!" * 78, name, "!" * 78)
+    return frames, bank[None], "self"
+
+
+def _use_rows(model, text: torch.Tensor, feat16: torch.Tensor, banks: torch.Tensor, stats: torch.Tensor) -> None:
+    """Makes `model` serve len(banks) classes that share the new class's text, prompt and units,
+    class i with bank i (so model.predict(frames, _ids(...)) scores each frame against its bank)."""
+    n = len(banks)
+    model.text_table = text[None].expand(n, -1, -1).contiguous()
+    model.prompt_feat16 = feat16.expand(n, -1, -1, -1).contiguous()
+    model.normal_bank = banks.contiguous()
+    model.normal_stats = stats[None].expand(n, -1).contiguous()
+
+
+def _scores(model, frames: torch.Tensor, n_banks: int) -> np.ndarray:
+    ids = _ids(len(frames), n_banks)
+    return torch.cat([model.predict(f, i)["anomaly_score"][:, 0] for f, i in zip(frames.split(_CHUNK), ids.split(_CHUNK))]).numpy()
+
+
+def threshold_of(scores: np.ndarray) -> float:
+    """max(mean + 3 std, max) of normal images' scores: calibration.calibrate's rule."""
+    return float(max(scores.max(), scores.mean() + 3 * scores.std()))
+
+
+@torch.no_grad()
+def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray | None = None, *,
+               words: str | None = None, defects: tuple[str, ...] = (), clip_weights: str | None = None,
+               reference: tuple[str, np.ndarray] | None = None) -> ClassRows:
+    """Rows and threshold of class `name` from normal frames uint8 [K, S, S, 3] (resized for the
+    model) and optional held-out normal frames [M, S, S, 3]. `words`: the product words of its text
+    prompts (default: the name); see text_row for `reference`."""
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    text = torch.from_numpy(text_row(model, info, words or name, defects=defects, clip_weights=clip_weights, reference=reference))
+    feat16 = model.encoder(x[:1])[2]  # the prompt image: the first one
+    prompt = model.reconstructor.encode_prompt(feat16)[0]
+    emb = model.embed_patches(x)
+    bank = _bank(model, emb)
+    held = None if held_out is None else torch.from_numpy(np.ascontiguousarray(held_out))
+    check, banks, method = _calibration_set(model, x, held, emb, bank, name)
+    stats = normal_stats(_distance_maps(model, check, banks))
+    _use_rows(model, text, feat16, banks, stats)
+    scores = _scores(model, check, len(banks))
+    return ClassRows(text=text.numpy().astype(np.float32), prompt=prompt.numpy().astype(np.float32),
+                     bank=bank.numpy().astype(np.float32), stats=stats.numpy().astype(np.float32),
+                     threshold=threshold_of(scores), calibration=method, scores=tuple(float(s) for s in scores))

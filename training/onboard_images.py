@@ -1,0 +1,77 @@
+"""The normal images a new class is onboarded from (`promptmad classes add --images DIR --held-out DIR`):
+read from a folder, checked, and resized exactly as training and serving resize frames.
+
+What is accepted and what is refused, decided once here:
+- any file with an image suffix (contract.IMAGE_SUFFIXES) in the folder itself (not sub-folders, not
+  hidden files), in file-name order; other files are ignored;
+- 8-bit images of any size and mode Pillow converts to RGB (grey, palette, RGBA, CMYK: as serving
+  converts them), resized to the model's input with PIL bilinear (training's and the preprocess
+  step's resize: the same pixels the server will see, aspect ratio not kept);
+- refused, naming the file and the fix: an empty folder, a corrupt or undecodable file, a 16-bit or
+  float image (training clips those and serving rescales them, so the class would be calibrated on
+  pixels it is never served), a side under MIN_SIDE pixels (nothing of a product is left to compare)
+  and more than contract.MAX_PIXELS_PER_FRAME pixels (the server would refuse such frames).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from promptmad.contract import IMAGE_SUFFIXES, MAX_PIXELS_PER_FRAME
+from promptmad.errors import ConfigError, DatasetError
+
+MIN_SIDE = 32  # pixels; smaller images are refused rather than blown up to the model's input
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+def image_files(folder: str | Path, field: str) -> list[Path]:
+    """The image files of `folder` in name order; ConfigError naming `field` when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(field, f"{folder}: no such folder; give a folder of normal (defect-free) images of the product")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise ConfigError(field, f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put normal images of the product there")
+    return files
+
+
+def _check_header(path: Path, mode: str, dims: tuple[int, int], field: str) -> None:
+    """Refuses what cannot be resized sensibly, from the header (before the pixels are decoded)."""
+    w, h = dims
+    if mode not in EIGHT_BIT_MODES:
+        raise ConfigError(field, f"{path}: {mode} image (16-bit or float); save the normal images as 8-bit RGB or grey PNG/JPEG")
+    if min(w, h) < MIN_SIDE:
+        raise ConfigError(field, f"{path}: {w}x{h} pixels, under {MIN_SIDE} on a side; use photos of the product as the line camera takes them")
+    if w * h > MAX_PIXELS_PER_FRAME:
+        raise ConfigError(field, f"{path}: {w}x{h} pixels, over the {MAX_PIXELS_PER_FRAME:,} a frame may have; downscale it")
+
+
+def read_image(path: Path, size: int, field: str) -> np.ndarray:
+    """One image as uint8 [size, size, 3], converted and resized as serving does."""
+    from promptmad.training.data.datasets import read_rgb, resize_rgb
+
+    try:
+        with Image.open(path) as im:
+            mode, dims = im.mode, im.size
+    except Image.DecompressionBombError:
+        raise ConfigError(field, f"{path}: over {MAX_PIXELS_PER_FRAME:,} pixels (a decompression bomb?); downscale it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ConfigError(field, f"{path}: unreadable or corrupt image ({exc}); replace or delete the file") from None
+    _check_header(path, mode, dims, field)
+    try:
+        return resize_rgb(read_rgb(path), size)
+    except DatasetError as exc:  # truncated pixel data shows only when decoding
+        raise ConfigError(field, str(exc)) from None
+
+
+def read_images(folder: str | Path, size: int, field: str, limit: int | None = None) -> tuple[np.ndarray, list[Path]]:
+    """(uint8 [K, size, size, 3], their paths): the first `limit` images of `folder` (all when None)."""
+    files = image_files(folder, field)
+    if limit is not None:
+        if limit > len(files):
+            raise ConfigError("shots", f"{limit}, but {folder} has {len(files)} image(s); lower --shots or add images")
+        files = files[:limit]
+    return np.stack([read_image(p, size, field) for p in files]), files
