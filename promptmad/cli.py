@@ -19,6 +19,7 @@ from promptmad.errors import PromptMADError
 _STAGE_MODULES = (
     "promptmad.training.cli",  # data, train, evaluate, ablation
     "promptmad.export.cli",  # export, serve
+    "promptmad.export.classes_cli",  # classes add / remove / list / reload
     "promptmad.client.cli",  # score
     "promptmad.benchmarks.cli",  # bench
 )
