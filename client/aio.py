@@ -8,7 +8,7 @@ import time
 from typing import Any, AsyncIterator, Iterable
 
 from promptmad.client.core import CALL_ERRORS, AnomalyResult, ClientConfig, ClientCore, advance, error_result, frame_item
-from promptmad.client.errors import ClientError
+from promptmad.client.errors import ClientError, UnknownClass
 from promptmad.client.frames import Frame
 from promptmad.client.window import Source
 
@@ -26,21 +26,45 @@ class AsyncAnomalyClient(ClientCore):
         import tritonclient.grpc.aio as aio
 
         self._client = aio.InferenceServerClient(self.url, **self.config.grpc_kwargs())
-        calls = self._connect_calls()
         try:
-            step = advance(calls)
-            while step is not None:
-                method, args = step
-                kwargs = {"as_json": True} if method.startswith("get_") else {}
-                try:
-                    answer, error = await getattr(self._client, method)(*args, **kwargs), None
-                except CALL_ERRORS as exc:
-                    answer, error = None, self._err(exc)
-                step = advance(calls, answer, error)
+            await self._run_calls(self._connect_calls())
         except ClientError:
             await self.close()  # a refused connect leaves no channel behind
             raise
         return self
+
+    async def _run_calls(self, calls) -> None:
+        """Runs a call sequence of the core (connect, class list), awaited."""
+        step = advance(calls)
+        while step is not None:
+            method, args = step
+            kwargs = {"as_json": True} if method.startswith("get_") else {}
+            try:
+                answer, error = await getattr(self._client, method)(*args, **kwargs), None
+            except CALL_ERRORS as exc:
+                answer, error = None, self._err(exc)
+            step = advance(calls, answer, error)
+
+    async def refresh_classes(self) -> list[str]:
+        """As AnomalyClient.refresh_classes: re-reads the served classes and thresholds."""
+        await self._run_calls(self._class_list_calls())
+        return self.served_classes
+
+    async def _resolve(self, class_name: str | int) -> tuple[int, str, float]:
+        try:
+            return self._target(class_name)
+        except UnknownClass:
+            await self.refresh_classes()
+            return self._target(class_name)
+
+    async def _with_refresh(self, class_name: str | int, call):
+        """As AnomalyClient._with_refresh, awaited."""
+        target = await self._resolve(class_name)
+        try:
+            return await call(target)
+        except UnknownClass as refusal:
+            await self.refresh_classes()
+            return await call(self._retarget(class_name, target[0], refusal))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -64,32 +88,42 @@ class AsyncAnomalyClient(ClientCore):
 
     async def score(self, frame: Frame, class_name: str | int, *, frame_id: Any = 0) -> AnomalyResult:
         """Scores one frame; raises a typed ClientError on failure."""
-        cid, name, thr = self._target(class_name)
+        await self._resolve(class_name)
         arr = self._prepare(frame)
-        t0 = time.perf_counter()
-        res = await self._infer([arr], cid)
-        return self._decode_one(res, frame_id, name, thr, time.perf_counter() - t0)
+
+        async def call(target):
+            cid, name, thr = target
+            t0 = time.perf_counter()
+            res = await self._infer([arr], cid)
+            return self._decode_one(res, frame_id, name, thr, time.perf_counter() - t0)
+
+        return await self._with_refresh(class_name, call)
 
     async def score_batch(self, frames: Iterable[Frame], class_name: str | int) -> list[AnomalyResult]:
         """As AnomalyClient.score_batch: same-size frames batched up to the server's max_batch_size,
         the requests awaited together; results in input order, failures raise."""
-        cid, name, thr = self._target(class_name)
+        await self._resolve(class_name)
         prepared = [self._prepare(f) for f in frames]
         groups = self._batches(prepared)
-        t0 = time.perf_counter()
-        answers = await asyncio.gather(*(self._infer([prepared[i] for i in idx], cid) for idx in groups))
-        results: list[AnomalyResult] = [None] * len(prepared)  # type: ignore[list-item]
-        for idx, res in zip(groups, answers):
-            for i, r in zip(idx, self._decode(res, idx, name, thr, time.perf_counter() - t0)):
-                results[i] = r
-        return results
+
+        async def call(target):
+            cid, name, thr = target
+            t0 = time.perf_counter()
+            answers = await asyncio.gather(*(self._infer([prepared[i] for i in idx], cid) for idx in groups))
+            results: list[AnomalyResult] = [None] * len(prepared)  # type: ignore[list-item]
+            for idx, res in zip(groups, answers):
+                for i, r in zip(idx, self._decode(res, idx, name, thr, time.perf_counter() - t0)):
+                    results[i] = r
+            return results
+
+        return await self._with_refresh(class_name, call)
 
     async def stream(self, frames: Iterable[Frame], class_name: str | int, *,
                      max_in_flight: int | None = None) -> AsyncIterator[AnomalyResult]:
         """Bounded concurrency, results in input order, one result (or error result) per frame. If
         `frames` raises, the frames already taken get their results, then the exception propagates."""
         window = self.config.stream_window(max_in_flight)
-        _, name, thr = self._target(class_name)
+        _, name, thr = await self._resolve(class_name)
         tasks: list[asyncio.Task] = []
 
         async def one(seq, item):

@@ -238,7 +238,8 @@ class ClientCore:
     def __init__(self, config: ClientConfig):
         self.config = config
         self._client = None
-        self.class_names: list[str] = []
+        self.class_names: list[str] = []  # index = class id; contract.REMOVED_CLASS where a class was removed
+        self.removed_classes: dict[int, str] = {}  # id -> name of the classes removed from the server
         self.thresholds: dict[str, float] = {}
         self.image_size: int | None = None
         self.manifest_sha256: str = ""
@@ -255,17 +256,37 @@ class ClientCore:
     def _err(self, exc: Exception) -> ClientError:
         return exc if isinstance(exc, ClientError) else from_triton(exc, url=self.url, model=self.model)
 
+    @property
+    def served_classes(self) -> list[str]:
+        """The names of the classes the server serves (removed ones left out)."""
+        return [n for i, n in enumerate(self.class_names) if n != contract.REMOVED_CLASS and i not in self.removed_classes]
+
+    def _unknown(self, message: str) -> UnknownClass:
+        return UnknownClass(message, url=self.url, model=self.model)
+
     def class_id(self, class_name: str | int) -> int:
-        """The served class id of a class name, or an integer id checked against the served range."""
+        """The served class id of a class name, or an integer id checked against the served range.
+        Ids are stable on the server (`promptmad classes`): a removed class's id is refused, never reused."""
         if isinstance(class_name, (int, np.integer)) and not isinstance(class_name, bool):
-            if 0 <= int(class_name) < len(self.class_names):
-                return int(class_name)
-            raise UnknownClass(f"class id {class_name} out of range 0..{len(self.class_names) - 1}", url=self.url, model=self.model)
-        try:
+            cid = int(class_name)
+            if not 0 <= cid < len(self.class_names):
+                raise self._unknown(f"class id {class_name} out of range 0..{len(self.class_names) - 1}")
+            if cid in self.removed_classes or self.class_names[cid] == contract.REMOVED_CLASS:
+                raise self._unknown(f"class id {cid} ({self.removed_classes.get(cid, '?')!r}) was removed from the served model")
+            return cid
+        if class_name in self.served_classes:
             return self.class_names.index(class_name)
-        except ValueError:
-            raise UnknownClass(f"unknown class {class_name!r}; the server knows: {', '.join(self.class_names)}",
-                               url=self.url, model=self.model) from None
+        gone = [i for i, n in self.removed_classes.items() if n == class_name]
+        detail = f" (it was removed from the served model; it had id {gone[-1]})" if gone else ""
+        raise self._unknown(f"unknown class {class_name!r}{detail}; the server knows: {', '.join(self.served_classes)}")
+
+    def _retarget(self, class_name: str | int, refused_id: int, refusal: UnknownClass) -> tuple[int, str, float]:
+        """After the server refused `refused_id` and the class list was re-read: the class's target if
+        it is served under another id now (removed, then added again), else the typed refusal."""
+        target = self._target(class_name)  # UnknownClass naming the removal when it is gone
+        if target[0] == refused_id:
+            raise refusal
+        return target
 
     def threshold(self, class_name: str | int) -> float:
         return self._target(class_name)[2]
@@ -335,6 +356,11 @@ class ClientCore:
             detail = not_ready_detail(not_ready)
             raise ModelNotReady(f"model {self.model!r} is not READY{detail}", url=self.url, model=self.model)
         check_metadata((yield "get_model_metadata", (self.model,)), url=self.url, model=self.model)
+        yield from self._class_list_calls()
+
+    def _class_list_calls(self) -> Generator[tuple[str, tuple], Any, None]:
+        """Reads the class names, removed classes and thresholds export and `promptmad classes` store
+        in the model config (at connect, and again when the server's classes changed)."""
         self._read_parameters((yield "get_model_config", (self.model,)))
 
     def _read_parameters(self, cfg: dict) -> None:
@@ -344,6 +370,7 @@ class ClientCore:
             raise ModelMismatch(f"the model config has no {contract.PARAM_CLASS_NAMES} parameter; re-export the repository "
                                 "with `promptmad export`", url=self.url, model=self.model)
         self.class_names = list(json.loads(params[contract.PARAM_CLASS_NAMES]))
+        self.removed_classes = {int(k): v for k, v in json.loads(params.get(contract.PARAM_REMOVED_CLASSES, "{}")).items()}
         self.thresholds = {k: float(v) for k, v in json.loads(params.get(contract.PARAM_THRESHOLDS, "{}")).items()}
         size = params.get(contract.PARAM_IMAGE_SIZE)
         self.image_size = int(size) if size else None

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from promptmad.client.core import CALL_ERRORS, AnomalyResult, ClientConfig, ClientCore, advance, error_result, frame_item
-from promptmad.client.errors import ClientError, ServerUnavailable
+from promptmad.client.errors import ClientError, ServerUnavailable, UnknownClass
 from promptmad.client.frames import Frame
 from promptmad.client.grpc_stream import CHANNEL_OPTIONS, GrpcStream
 from promptmad.client.window import fifo
@@ -55,22 +55,51 @@ class AnomalyClient(ClientCore):
         kwargs = {"as_json": True} if self.config.protocol == "grpc" and method.startswith("get_") else {}
         return getattr(self._client, method)(*args, **kwargs)
 
+    def _run_calls(self, calls) -> None:
+        """Runs a call sequence of the core (connect, class list) as blocking calls."""
+        step = advance(calls)
+        while step is not None:
+            try:
+                answer, error = self._call(step[0], *step[1]), None
+            except CALL_ERRORS as exc:
+                answer, error = None, self._err(exc)
+            step = advance(calls, answer, error)
+
     def connect(self) -> "AnomalyClient":
         """Checks the server and the model's tensors, reads classes and thresholds (core._connect_calls)."""
         self._client = self._make_client()
-        calls = self._connect_calls()
         try:
-            step = advance(calls)
-            while step is not None:
-                try:
-                    answer, error = self._call(step[0], *step[1]), None
-                except CALL_ERRORS as exc:
-                    answer, error = None, self._err(exc)
-                step = advance(calls, answer, error)
+            self._run_calls(self._connect_calls())
         except ClientError:
             self.close()  # a refused connect leaves no channel behind
             raise
         return self
+
+    def refresh_classes(self) -> list[str]:
+        """Re-reads the served classes and thresholds on this connection (`promptmad classes` changed
+        them on a running server); returns the served class names. Done by itself, once, when a class
+        name is unknown or the server refuses a class id."""
+        self._run_calls(self._class_list_calls())
+        return self.served_classes
+
+    def _resolve(self, class_name: str | int) -> tuple[int, str, float]:
+        """(id, name, threshold) of a class; an unknown one is looked up again after one refresh."""
+        try:
+            return self._target(class_name)
+        except UnknownClass:
+            self.refresh_classes()
+            return self._target(class_name)
+
+    def _with_refresh(self, class_name: str | int, call: Callable[[tuple[int, str, float]], Any]):
+        """call(target); when the server refuses the class id (the class list here was stale: the class
+        was removed), the list is re-read once and the call made again if the class is served under
+        another id now, else the typed UnknownClass is raised."""
+        target = self._resolve(class_name)
+        try:
+            return call(target)
+        except UnknownClass as refusal:
+            self.refresh_classes()
+            return call(self._retarget(class_name, target[0], refusal))
 
     def _wait_for_server(self, deadline: float) -> bool:
         """Polls until the server and the model are ready again (False at the deadline), on this
@@ -126,13 +155,18 @@ class AnomalyClient(ClientCore):
 
     def score(self, frame: Frame, class_name: str | int, *, frame_id: Any = 0) -> AnomalyResult:
         """Scores one frame; raises a typed ClientError on failure."""
-        cid, name, thr = self._target(class_name)
+        self._resolve(class_name)  # an unknown class is refused before the frame is looked at
         arr = self._prepare(frame)
-        t0 = time.perf_counter()
         use_shm = self.config.use_shared_memory and isinstance(arr, np.ndarray)
-        with self._lock if use_shm else contextlib.nullcontext():  # shm regions are reused between calls
-            res = self._infer([arr], cid, use_shm=use_shm)
-        return self._decode_one(res, frame_id, name, thr, time.perf_counter() - t0)
+
+        def call(target):
+            cid, name, thr = target
+            t0 = time.perf_counter()
+            with self._lock if use_shm else contextlib.nullcontext():  # shm regions are reused between calls
+                res = self._infer([arr], cid, use_shm=use_shm)
+            return self._decode_one(res, frame_id, name, thr, time.perf_counter() - t0)
+
+        return self._with_refresh(class_name, call)
 
     def _submit(self, batch: list, cid: int) -> Callable[[], Any]:
         """Sends one request without waiting; returns the function that waits for its answer
@@ -164,21 +198,26 @@ class AnomalyClient(ClientCore):
         """Frames of one size (and encoded frames together) go out as requests of up to the
         server's max_batch_size frames, at most max_in_flight requests at once. Results are in
         input order, frame ids 0, 1, ...; a frame refused client-side or a failed request raises."""
-        cid, name, thr = self._target(class_name)
+        self._resolve(class_name)
         prepared = [self._prepare(f) for f in frames]
-        results: list[AnomalyResult] = [None] * len(prepared)  # type: ignore[list-item]
 
-        def submit(idx):
-            return idx, time.perf_counter(), self._submit([prepared[i] for i in idx], cid)
+        def call(target):
+            cid, name, thr = target
+            results: list[AnomalyResult] = [None] * len(prepared)  # type: ignore[list-item]
 
-        def collect(entry):
-            idx, t0, wait = entry
-            return idx, self._decode(wait(), idx, name, thr, time.perf_counter() - t0)
+            def submit(idx):
+                return idx, time.perf_counter(), self._submit([prepared[i] for i in idx], cid)
 
-        for idx, batch_results in fifo(self._batches(prepared), self.config.max_in_flight, submit, collect):
-            for i, r in zip(idx, batch_results):
-                results[i] = r
-        return results
+            def collect(entry):
+                idx, t0, wait = entry
+                return idx, self._decode(wait(), idx, name, thr, time.perf_counter() - t0)
+
+            for idx, batch_results in fifo(self._batches(prepared), self.config.max_in_flight, submit, collect):
+                for i, r in zip(idx, batch_results):
+                    results[i] = r
+            return results
+
+        return self._with_refresh(class_name, call)
 
     # ------------------------------------------------------------------------------ streaming
     def stream(self, frames: Iterable[Frame | tuple[Any, Frame]], class_name: str | int, *, max_in_flight: int | None = None,
@@ -198,6 +237,7 @@ class AnomalyClient(ClientCore):
         other values are checked (ClientConfigError)."""
         window = self.config.stream_window(max_in_flight)
         timeout = self.config.stream_timeout(timeout_s)
+        self._resolve(class_name)  # an unknown class: the class list is re-read once, before any frame
         if self.config.protocol != "grpc":
             return self._stream_unary(frames, class_name, window)
         return GrpcStream(self, class_name, window=window, timeout=timeout).run(frames)
