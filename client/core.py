@@ -130,8 +130,8 @@ class AnomalyResult:
     (score > threshold) or "error": `error` is set or the score is not finite, and then
     `is_anomalous` is True too, so code that filters on it never passes a part nobody judged.
     `score` (the max of `anomaly_map`) and `threshold` are in standard deviations of the class's
-    normal variation (deviation from its normal patch bank + w x the segmentor's probability, w chosen in training): 0 is
-    an ordinary normal frame, the calibrated thresholds sit around 7-10."""
+    normal variation (deviation from its normal patch bank + w x the segmentor's probability, w chosen
+    in training): 0 is an ordinary normal frame, the calibrated thresholds sit around 7-10."""
 
     frame_id: Any
     class_name: str
