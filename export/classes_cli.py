@@ -52,8 +52,8 @@ def _server_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def _key_and_port(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--admin-key-file", help=f"the server's admin key (default: ${contract.ADMIN_KEY_ENV}, else the file "
-                   "`promptmad serve` wrote for that HTTP port)")
+    c.add_argument("--admin-key-file", help=f"file holding the server's admin key (default: ${contract.ADMIN_KEY_ENV}, else "
+                   "the file `promptmad serve` wrote for that HTTP port)")
     c.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="the server's gRPC port, on the host of --server: "
                    f"the loads go there (over HTTP they would hold up HTTP inference while they run) (default: {DEFAULT_GRPC_PORT})")
 

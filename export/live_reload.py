@@ -54,12 +54,12 @@ def server_address(url: str, field: str = "server") -> str:
 
 
 def admin_key(address: str, key_file: str | Path | None = None) -> str:
-    """$PROMPTMAD_ADMIN_KEY, else the file `promptmad serve` wrote for this HTTP port (or `key_file`)."""
+    """The key in `key_file` when given, else $PROMPTMAD_ADMIN_KEY, else the file `promptmad serve`
+    wrote for this HTTP port."""
     from promptmad.export.cli import default_admin_key_file
 
-    key = os.environ.get(contract.ADMIN_KEY_ENV)
-    if key:
-        return key
+    if key_file is None and os.environ.get(contract.ADMIN_KEY_ENV):
+        return os.environ[contract.ADMIN_KEY_ENV]
     path = Path(key_file) if key_file else default_admin_key_file(int(address.rsplit(":", 1)[1]))
     try:
         return path.read_text().strip()
@@ -93,16 +93,19 @@ def served_digest(address: str) -> str:
 
 
 def _load_error(model: str, grpc_address: str, exc: Exception) -> ServeError:
+    """The error of a refused load, saying what to do. gRPC answers UNAVAILABLE both when nobody
+    listens and when the admin key is missing ("restricted"); a model that fails to load is another status."""
     msg = str(exc)
     low = msg.lower()
+    status = str(getattr(exc, "status", lambda: "")() or "")
     if "restricted" in low:
         why = f"the admin key was refused: set ${contract.ADMIN_KEY_ENV} or --admin-key-file to the key of that server"
     elif "not allowed" in low or "polling" in low:
         why = "the server does not take loads: restart it with `promptmad serve --model-control-mode explicit`"
-    elif any(s in low for s in ("failed to connect", "connection refused", "unavailable", "deadline")):
-        why = f"no gRPC server at {grpc_address}: pass --grpc-port, the gRPC port `promptmad serve` printed"
+    elif status.endswith("UNAVAILABLE") or isinstance(exc, OSError):
+        why = f"no gRPC server answers at {grpc_address}: pass --grpc-port, the gRPC port `promptmad serve` printed"
     else:
-        why = msg
+        why = f"the server says: {msg}"
     return ServeError(f"{grpc_address} did not load {model} ({why}). The repository is updated: a restarted server serves it")
 
 
