@@ -25,6 +25,7 @@ from promptmad.export.repository_edit import edit_repository, prune_versions
 
 MAX_SHOTS = 64  # images per class: the leave-one-out calibration builds one bank per image
 MAX_WORDS = 200  # characters of --prompt (CLIP's tokenizer keeps 77 tokens anyway)
+TEXT_TOWER_FIELD = "text_tower_sha256"  # manifest: the CLIP text tower a `classes add` verified (training/onboard.text_row)
 
 
 def _check_folder(value: str | None, field: str) -> None:
@@ -166,7 +167,8 @@ def _onboard(cfg: AddClass, repo: Path, manifest: dict):
         raise ConfigError("run", str(exc)) from None
     words = cfg.prompt or cfg.name
     rows = class_rows(model, info, cfg.name, frames, held, words=words, defects=tuple(cfg.defects),
-                      clip_weights=_clip_weights(cfg, info), reference=_reference(info, repo, words))
+                      clip_weights=_clip_weights(cfg, info), reference=_reference(info, repo, words),
+                      verified_tower=manifest.get(TEXT_TOWER_FIELD, ""))
     return rows, files
 
 
@@ -206,7 +208,9 @@ def _add_change(cfg: AddClass, rows, files: list[Path]):
         edit = {"op": "add", "name": cfg.name, "id": table.live[cfg.name], "threshold": rows.threshold,
                 "calibration": rows.calibration, "calibration_scores": list(rows.scores), "prompt": cfg.prompt or cfg.name,
                 "defects": list(cfg.defects), "images": {p.name: sha256_file(p) for p in files}}
-        return _edited_manifest(manifest, table, new, edit)
+        doc = _edited_manifest(manifest, table, new, edit)
+        doc[TEXT_TOWER_FIELD] = rows.text_tower_sha256  # checked against the run's rows: the next add may skip the check
+        return doc
 
     return change
 

@@ -259,6 +259,25 @@ def test_onboarding_a_trained_class_from_its_own_images_reproduces_its_trained_r
     assert rows.threshold == pytest.approx(info.thresholds["coffee"], rel=1e-6)
 
 
+def test_a_text_tower_other_than_the_runs_is_refused_and_a_verified_one_not_rechecked(tiny_run, tiny_repository):
+    """The text row must come from the run's CLIP tower: another seed (or other weights) does not reproduce
+    a trained class's row and is refused; a tower whose fingerprint was verified before is not re-checked."""
+    import dataclasses
+
+    from promptmad.training.checkpoint import load_model
+    from promptmad.training.onboard import text_row
+
+    model, info = load_model(tiny_run)
+    reference = ("brick", np.load(tiny_repository / BANK / "1" / contract.TEXT_TABLE_FILE)[0])
+    row, tower = text_row(model, info, NEW, reference=reference)
+    other = dataclasses.replace(info, training={**info.training, "seed": info.training["seed"] + 1})
+    with pytest.raises(ConfigError, match="does not reproduce the run's row of class 'brick'") as err:
+        text_row(model, other, NEW, reference=reference)
+    assert err.value.field == "clip_weights"
+    again, same = text_row(model, info, NEW, reference=("brick", reference[1] + 1.0), verified_tower=tower)
+    assert same == tower and np.array_equal(again, row)  # the wrong reference was not looked at
+
+
 # -- (c) a class in use removed: UnknownClass for it, the others keep scoring ------------------------
 def test_remove_a_class_in_use_gives_unknown_class_and_the_rest_keeps_scoring(live, product, tiny_dataset):
     import tritonclient.http as th

@@ -22,6 +22,7 @@ The model given is modified (its per-class buffers become the new class's): load
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class ClassRows:
     threshold: float
     calibration: str  # one of CALIBRATIONS
     scores: tuple[float, ...]  # the calibration images' scores
+    text_tower_sha256: str = ""  # the CLIP text tower that made `text` (checked against the run's rows)
 
     def tables(self) -> dict[str, np.ndarray]:
         """The rows keyed by table file (contract.PROMPT_BANK_TABLES)."""
@@ -58,26 +60,39 @@ class ClassRows:
         return {contract.PROMPT_BANK_TABLES[k]: v for k, v in rows.items()}
 
 
+def tower_sha256(model) -> str:
+    """Fingerprint of a CLIP text tower: its weights (the vision tower is not used)."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if not key.startswith("visual."):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def text_row(model, info, words: str, *, defects: tuple[str, ...] = (), clip_weights: str | None = None,
-             reference: tuple[str, np.ndarray] | None = None) -> np.ndarray:
-    """The [2, D] text row of a product described by `words`. `reference`: (a trained class's name,
-    its served row); recomputing it with the same tower must give that row, else the tower is not the
-    one the run was trained with (other CLIP weights or seed) and the new row would not fit the model."""
-    from promptmad.training.prompts import PromptSet, build_text_table
+             reference: tuple[str, np.ndarray] | None = None, verified_tower: str = "") -> tuple[np.ndarray, str]:
+    """(the [2, D] text row of a product described by `words`, the text tower's fingerprint).
+    `reference`: (a trained class's name, its served row); recomputing it with the same tower must give
+    that row, else the tower is not the one the run was trained with (other CLIP weights, seed or
+    open_clip initialisation) and the new row would not fit the model. That costs a second class's
+    encoding (a third of `classes add` on CPU), so it is skipped when the tower's fingerprint is
+    `verified_tower`, one that passed the check before."""
+    from promptmad.training.prompts import PromptSet, seeded_text_model, text_rows
 
     prompt_set = PromptSet.from_dict(info.prompts)
     if defects:
         prompt_set = dataclasses.replace(prompt_set, defects={**prompt_set.defects, words: tuple(defects)})
-    names = [words] + ([reference[0]] if reference else [])
-    table, _ = build_text_table(names, clip_model=model.cfg.clip_model, clip_weights=clip_weights,
-                                prompt_set=prompt_set, seed=int(info.training.get("seed", 0)))
-    table = table.numpy().astype(np.float32)
-    if reference is not None and not np.allclose(table[1], reference[1], atol=_TEXT_ATOL):
+    tower, tokenizer = seeded_text_model(model.cfg.clip_model, clip_weights, int(info.training.get("seed", 0)))
+    fingerprint = tower_sha256(tower)
+    check = reference is not None and fingerprint != verified_tower
+    table = text_rows(tower, tokenizer, [words] + ([reference[0]] if check else []), prompt_set).numpy().astype(np.float32)
+    if check and not np.allclose(table[1], reference[1], atol=_TEXT_ATOL):
         trained_with = info.training.get("clip_weights")
         fix = f"pass --clip-weights {trained_with}" if trained_with else "drop --clip-weights (the run was trained without)"
         raise ConfigError("clip_weights", f"this CLIP text tower does not reproduce the run's row of class {reference[0]!r}, "
                           f"so a new row would not fit the model; {fix}")
-    return table[0]
+    return table[0], fingerprint
 
 
 def _bank(model, emb: torch.Tensor) -> torch.Tensor:
@@ -139,12 +154,14 @@ def threshold_of(scores: np.ndarray) -> float:
 @torch.no_grad()
 def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray | None = None, *,
                words: str | None = None, defects: tuple[str, ...] = (), clip_weights: str | None = None,
-               reference: tuple[str, np.ndarray] | None = None) -> ClassRows:
+               reference: tuple[str, np.ndarray] | None = None, verified_tower: str = "") -> ClassRows:
     """Rows and threshold of class `name` from normal frames uint8 [K, S, S, 3] (resized for the
     model) and optional held-out normal frames [M, S, S, 3]. `words`: the product words of its text
-    prompts (default: the name); see text_row for `reference`."""
+    prompts (default: the name); see text_row for `reference` and `verified_tower`."""
     x = torch.from_numpy(np.ascontiguousarray(frames))
-    text = torch.from_numpy(text_row(model, info, words or name, defects=defects, clip_weights=clip_weights, reference=reference))
+    row, tower = text_row(model, info, words or name, defects=defects, clip_weights=clip_weights, reference=reference,
+                          verified_tower=verified_tower)
+    text = torch.from_numpy(row)
     feat16 = model.encoder(x[:1])[2]  # the prompt image: the first one
     prompt = model.reconstructor.encode_prompt(feat16)[0]
     emb = model.embed_patches(x)
@@ -156,4 +173,5 @@ def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray 
     scores = _scores(model, check, len(banks))
     return ClassRows(text=text.numpy().astype(np.float32), prompt=prompt.numpy().astype(np.float32),
                      bank=bank.numpy().astype(np.float32), stats=stats.numpy().astype(np.float32),
-                     threshold=threshold_of(scores), calibration=method, scores=tuple(float(s) for s in scores))
+                     threshold=threshold_of(scores), calibration=method, scores=tuple(float(s) for s in scores),
+                     text_tower_sha256=tower)

@@ -129,6 +129,31 @@ def _load_clip_weights(model, clip_model: str, path: Path) -> None:
     log.info("loaded CLIP weights from %s", path)
 
 
+def seeded_text_model(clip_model: str, clip_weights: str | Path | None = None, seed: int = 0):
+    """(model, tokenizer) as build_text_table makes them: the seed first, so a randomly initialised
+    tower is the same every time (`promptmad classes add` encodes a new class with the run's tower)."""
+    import torch
+
+    torch.manual_seed(seed)  # random-init CLIP must be reproducible
+    return create_clip_text_model(clip_model, clip_weights)
+
+
+def text_rows(model, tokenizer, classes: Sequence[str], prompt_set: PromptSet):
+    """[C, 2, D] float32: per class, the normalised mean of each state's normalised sentence embeddings."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    with torch.no_grad():
+        for name in classes:
+            states = []
+            for sentences in prompt_set.sentences(name):
+                emb = F.normalize(model.encode_text(tokenizer(sentences)).float(), dim=-1)
+                states.append(F.normalize(emb.mean(0), dim=-1))
+            rows.append(torch.stack(states))
+    return torch.stack(rows).contiguous()
+
+
 def build_text_table(
     classes: Sequence[str],
     *,
@@ -138,19 +163,8 @@ def build_text_table(
     seed: int = 0,
 ):
     """Returns (table [C, 2, D] float32 tensor, prompt_set)."""
-    import torch
-    import torch.nn.functional as F
-
     prompt_set = prompt_set or PromptSet()
-    torch.manual_seed(seed)  # random-init CLIP must be reproducible
-    model, tokenizer = create_clip_text_model(clip_model, clip_weights)
-    rows = []
-    with torch.no_grad():
-        for name in classes:
-            states = []
-            for sentences in prompt_set.sentences(name):
-                emb = F.normalize(model.encode_text(tokenizer(sentences)).float(), dim=-1)
-                states.append(F.normalize(emb.mean(0), dim=-1))
-            rows.append(torch.stack(states))
+    model, tokenizer = seeded_text_model(clip_model, clip_weights, seed)
+    table = text_rows(model, tokenizer, classes, prompt_set)
     del model
-    return torch.stack(rows).contiguous(), prompt_set
+    return table, prompt_set
