@@ -66,4 +66,16 @@ if command -v dpkg-query >/dev/null && [ -n "$(missing_debs)" ]; then
     echo "[setup] note: live cameras and their tests need Debian's $(missing_debs | tr '\n' ' ') (sudo apt-get install ...)"
   fi
 fi
+# tests/test_fleet.py evaluates deploy/'s Prometheus rules with a real Prometheus (Debian's package)
+# scraping local tritonservers; the package's own service is not needed (the test starts its own).
+if ! command -v prometheus >/dev/null && [ ! -x /usr/bin/prometheus ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's prometheus for the fleet tests"
+    (apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }) \
+      || echo "[setup] warning: could not install prometheus; tests/test_fleet.py needs it"
+  else
+    echo "[setup] note: tests/test_fleet.py needs Debian's prometheus (sudo apt-get install prometheus)"
+  fi
+fi
 echo "[setup] ready: .venv/bin/promptmad --help"
