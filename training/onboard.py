@@ -4,7 +4,7 @@ four per-class tables and its score threshold, computed by the trained model fro
 Each row is made the way training and export make the trained classes' rows, so the served model cannot
 tell an onboarded class from a trained one by how its prompts were made:
 - text row [2, D]: the run's CLIP text tower and prompt ensemble (its seed, templates and state words;
-  for a trained class's name this gives that class's row bit for bit, which `reference` checks), with
+  for a trained class's name this gives that class's row to float rounding, which `reference` checks), with
   the product words in place of the name (`words`) and optional defect words (PromptSet.defects);
 - prompt-token row [N, H]: the reconstructor's encoding of the FIRST image's encoder features (training
   prompts each class with one normal image; further images only feed the bank);
