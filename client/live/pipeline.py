@@ -10,6 +10,7 @@ import time
 from typing import Callable, Iterable
 
 from promptmad.client.core import AnomalyResult
+from promptmad.client.errors import UnknownClass
 from promptmad.client.live import limits
 from promptmad.client.live.config import SourceConfig
 from promptmad.client.live.errors import LiveConfigError
@@ -18,6 +19,17 @@ from promptmad.client.live.stats import SourceStatus
 from promptmad.client.live.worker import Scorer, SourceWorker
 
 log = logging.getLogger(__name__)
+
+
+def class_id_refreshed(client, class_name: str | int) -> int:
+    """client.class_id, after one refresh_classes() when the name is unknown: as the SDK's own score
+    does, so a class added by `promptmad classes add` on the running server is taken for a new camera
+    without reconnecting. UnknownClass (naming the served classes) when the server lacks it too."""
+    try:
+        return client.class_id(class_name)
+    except UnknownClass:
+        client.refresh_classes()
+        return client.class_id(class_name)
 
 
 class Pipeline:
@@ -39,8 +51,9 @@ class Pipeline:
 
     @classmethod
     def for_client(cls, client, sinks: Iterable = ()) -> "Pipeline":
-        """Scores with an AnomalyClient (gRPC or HTTP); classes are checked against the server's."""
-        return cls(client.score, sinks, check_class=client.class_id)
+        """Scores with an AnomalyClient (gRPC or HTTP); classes are checked against the server's,
+        re-read once when a camera names one this client has not seen (added since it connected)."""
+        return cls(client.score, sinks, check_class=lambda name: class_id_refreshed(client, name))
 
     def add(self, cfg: SourceConfig) -> None:
         if self.check_class is not None:
