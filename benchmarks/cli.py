@@ -94,9 +94,10 @@ def register(subparsers) -> None:
     m.add_argument("--per-model", action=argparse.BooleanOptionalAction, default=True,
                    help="also sweep each composing model alone at concurrency 1..4 (default: on)")
     p.set_defaults(func=_bench)
-    from promptmad.benchmarks import generalisation_cli  # argparse only: `promptmad --help` stays instant
+    from promptmad.benchmarks import generalisation_cli, onboarding_cli  # argparse only: `promptmad --help` stays instant
 
     generalisation_cli.register(subparsers)
+    onboarding_cli.register(subparsers)
 
 
 def _manifest_defaults(repo: Path) -> tuple[str | None, str | None]:

@@ -141,6 +141,14 @@ def _use_rows(model, text: torch.Tensor, feat16: torch.Tensor, banks: torch.Tens
     model.normal_stats = stats[None].expand(n, -1).contiguous()
 
 
+@torch.no_grad()
+def use_class(model, rows: ClassRows, prompt_frame: np.ndarray) -> None:
+    """Makes `model` serve the one class of `rows` as class 0 (its prompt image `prompt_frame` uint8
+    [1, S, S, 3], the first of its images), so PyTorch scores it as the server would."""
+    feat16 = model.encoder(torch.from_numpy(np.ascontiguousarray(prompt_frame)))[2]
+    _use_rows(model, torch.from_numpy(rows.text), feat16, torch.from_numpy(rows.bank)[None], torch.from_numpy(rows.stats))
+
+
 def _scores(model, frames: torch.Tensor, n_banks: int) -> np.ndarray:
     ids = _ids(len(frames), n_banks)
     return torch.cat([model.predict(f, i)["anomaly_score"][:, 0] for f, i in zip(frames.split(_CHUNK), ids.split(_CHUNK))]).numpy()
