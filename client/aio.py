@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 from promptmad.client.core import CALL_ERRORS, AnomalyResult, ClientConfig, ClientCore, advance, error_result, frame_item
 from promptmad.client.errors import ClientError, UnknownClass
+from promptmad.client.fleet import FAILOVER_ERRORS, grpc_client_args
 from promptmad.client.frames import Frame
 from promptmad.client.window import Source
 
@@ -16,16 +17,20 @@ from promptmad.client.window import Source
 class AsyncAnomalyClient(ClientCore):
     """>>> async with AsyncAnomalyClient("127.0.0.1:8001") as client:
     ...     r = await client.score(frame, "brick")
+
+    `url` may name several replicas (a list or dns:///name:port): calls are spread by gRPC's
+    round-robin channel and a call a replica fails (down, unready) is retried up to `max_retries` times.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, model: str = ClientConfig.model, **options):
+    def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, model: str = ClientConfig.model, **options):
         super().__init__(ClientConfig(url=url, protocol="grpc", model=model, **options))
 
     async def connect(self) -> "AsyncAnomalyClient":
         """Runs core._connect_calls with awaited calls: the sync client's checks, to the letter."""
         import tritonclient.grpc.aio as aio
 
-        self._client = aio.InferenceServerClient(self.url, **self.config.grpc_kwargs())
+        target, fleet_args = grpc_client_args(self.config)
+        self._client = aio.InferenceServerClient(target, **fleet_args, **self.config.grpc_kwargs())
         try:
             await self._run_calls(self._connect_calls())
         except ClientError:
@@ -81,10 +86,15 @@ class AsyncAnomalyClient(ClientCore):
         import tritonclient.grpc.aio as aio
 
         model, inputs, outputs = self._build_request(aio, batch, cid)
-        try:
-            return await self._client.infer(model, inputs, outputs=outputs, client_timeout=self.config.timeout_s)
-        except CALL_ERRORS as exc:
-            raise self._err(exc) from None
+        for attempt in range(self.config.max_retries + 1 if self.config.fleet else 1):  # as AnomalyClient._infer
+            try:
+                return await self._client.infer(model, inputs, outputs=outputs, client_timeout=self.config.timeout_s)
+            except CALL_ERRORS as exc:
+                err = self._err(exc)
+            if not isinstance(err, FAILOVER_ERRORS):
+                break
+            await asyncio.sleep(0.1 * 2**attempt)
+        raise err from None
 
     async def score(self, frame: Frame, class_name: str | int, *, frame_id: Any = 0) -> AnomalyResult:
         """Scores one frame; raises a typed ClientError on failure."""

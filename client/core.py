@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from promptmad import contract
 from promptmad.client.errors import (ClientConfigError, ClientError, InferenceFailed, ModelMismatch, ModelNotReady,
                                      ServerUnavailable, UnknownClass, from_triton)
+from promptmad.client.endpoints import check_endpoints, is_fleet, split_endpoints
 from promptmad.client.frames import to_rgb_array
 
 # What a Triton client call raises when it fails: server errors, and (HTTP) socket errors.
@@ -61,9 +62,14 @@ class ClientConfig:
     """Connection settings, validated on construction (messages name the field). `admin_key`
     (default: the environment variable contract.ADMIN_KEY_ENV) unlocks the server's restricted
     APIs (shared memory); it is sent only as the contract.ADMIN_KEY_HEADER header of those calls
-    and never shown in repr or error messages."""
+    and never shown in repr or error messages.
 
-    url: str = "127.0.0.1:8001"
+    `url` is one server (host:port), several replicas (a list, or one string with commas) or a
+    headless Service's `dns:///name:port` (gRPC): `endpoints` holds them, `url` their comma-joined
+    form. Several replicas are balanced over and a replica that fails is left for another
+    (endpoints.py, fleet.py); `max_retries` then bounds the replicas one frame may be re-sent to."""
+
+    url: str | Sequence[str] = "127.0.0.1:8001"
     protocol: str = "grpc"
     model: str = contract.MODEL_NAME
     timeout_s: float = 30.0
@@ -77,12 +83,12 @@ class ClientConfig:
     private_key: str | None = None
     certificate_chain: str | None = None
     admin_key: str | None = field(default_factory=env_admin_key, repr=False)
+    endpoints: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
             raise ClientConfigError("protocol", f"{self.protocol!r}: use 'grpc' or 'http'")
-        if ":" not in self.url or "/" in self.url:
-            raise ClientConfigError("url", f"{self.url!r}: use host:port, e.g. 127.0.0.1:8001 (gRPC) or 127.0.0.1:8000 (HTTP)")
+        self._check_endpoints()
         check_seconds(self.timeout_s, "timeout_s")
         check_seconds(self.reconnect_timeout_s, "reconnect_timeout_s", zero_ok=True)
         check_window(self.max_in_flight)
@@ -93,6 +99,23 @@ class ClientConfig:
         if self.ssl and self.protocol != "grpc":
             raise ClientConfigError("ssl", "the ssl options are for gRPC; for HTTPS put a TLS proxy in front and use its URL")
         self._check_admin_key()
+
+    def _check_endpoints(self) -> None:
+        try:
+            endpoints = split_endpoints(self.url)
+            check_endpoints(endpoints, self.protocol)
+        except ValueError as exc:
+            raise ClientConfigError("url", str(exc)) from None
+        object.__setattr__(self, "endpoints", endpoints)  # frozen: the one place these two are normalised
+        object.__setattr__(self, "url", ",".join(endpoints))
+        if self.use_shared_memory and self.fleet:
+            raise ClientConfigError("use_shared_memory", "a shared-memory region is registered with one server, and "
+                                    "several replicas share the load; use one endpoint, or leave use_shared_memory off")
+
+    @property
+    def fleet(self) -> bool:
+        """Several replicas to balance over (endpoints.is_fleet)."""
+        return is_fleet(self.endpoints)
 
     def _check_admin_key(self) -> None:
         if self.admin_key is not None and (not isinstance(self.admin_key, str) or not self.admin_key):

@@ -8,12 +8,14 @@ import contextlib
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from promptmad.client.core import CALL_ERRORS, AnomalyResult, ClientConfig, ClientCore, advance, error_result, frame_item
-from promptmad.client.errors import ClientError, ServerUnavailable, UnknownClass
+from promptmad.client.errors import ClientError, ServerUnavailable, UnknownClass, from_triton
+from promptmad.client.fleet import FAILOVER_ERRORS, TakeTurns, grpc_client_args
+from promptmad.client.fleet_stream import FleetStream
 from promptmad.client.frames import Frame
 from promptmad.client.grpc_stream import CHANNEL_OPTIONS, GrpcStream
 from promptmad.client.window import fifo
@@ -25,12 +27,17 @@ class AnomalyClient(ClientCore):
     >>> with AnomalyClient("127.0.0.1:8001") as client:
     ...     r = client.score(frame, "brick")
     ...     print(r.score, r.is_anomalous)
+
+    `url` may name several replicas (a list, or a headless Service's dns:///name:port over gRPC): see
+    `stream` for how a replica's failure is survived. `last_spread`: frames each replica answered
+    in the last stream over several replicas.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, protocol: str = "grpc", model: str = ClientConfig.model,
-                 connect: bool = True, **options):
+    def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, protocol: str = "grpc",
+                 model: str = ClientConfig.model, connect: bool = True, **options):
         super().__init__(ClientConfig(url=url, protocol=protocol, model=model, **options))
         self._shm = None
+        self.last_spread: dict[str, int] = {}
         self._lock = threading.Lock()
         if connect:
             self.connect()
@@ -44,10 +51,22 @@ class AnomalyClient(ClientCore):
         return tc
 
     def _make_client(self):
+        """One client for every call: over gRPC one channel (round-robin over a fleet's addresses),
+        over HTTP one client per replica taking turns."""
         c = self.config
         if c.protocol == "grpc":
-            return self._tc().InferenceServerClient(c.url, channel_args=CHANNEL_OPTIONS, **c.grpc_kwargs())
-        return self._tc().InferenceServerClient(c.url, connection_timeout=c.timeout_s, network_timeout=c.timeout_s,
+            target, fleet_args = grpc_client_args(c)
+            options = {"channel_args": CHANNEL_OPTIONS, **fleet_args, **c.grpc_kwargs()}
+            return self._tc().InferenceServerClient(target, **options)
+        clients = [self._replica_client(url) for url in c.endpoints]
+        return clients[0] if len(clients) == 1 else TakeTurns(clients)
+
+    def _replica_client(self, url: str):
+        """A client of one server (a replica of the fleet, for FleetStream's health-aware balancing)."""
+        c = self.config
+        if c.protocol == "grpc":
+            return self._tc().InferenceServerClient(url, channel_args=CHANNEL_OPTIONS, **c.grpc_kwargs())
+        return self._tc().InferenceServerClient(url, connection_timeout=c.timeout_s, network_timeout=c.timeout_s,
                                                 concurrency=max(1, c.max_in_flight))
 
     def _call(self, method: str, *args):
@@ -146,12 +165,19 @@ class AnomalyClient(ClientCore):
         return self._build_request(self._tc(), batch, cid, attach=attach)
 
     def _infer(self, batch: list, cid: int, *, use_shm: bool = False):
+        """One request; over a fleet, a replica's failure (down, unready) is retried up to `max_retries`
+        times: gRPC's round-robin skips a replica whose connection broke, HTTP takes the next one."""
         kwargs = {"client_timeout": self.config.timeout_s} if self.config.protocol == "grpc" else {}
         model, inputs, outputs = self._request(batch, cid, use_shm=use_shm)
-        try:
-            return self._client.infer(model, inputs, outputs=outputs, **kwargs)
-        except CALL_ERRORS as exc:
-            raise self._err(exc) from None
+        for attempt in range(self.config.max_retries + 1 if self.config.fleet else 1):
+            try:
+                return self._client.infer(model, inputs, outputs=outputs, **kwargs)
+            except CALL_ERRORS as exc:
+                err = self._err(exc)
+            if not isinstance(err, FAILOVER_ERRORS):
+                break
+            time.sleep(0.1 * 2**attempt)  # time for the channel to see the broken connection
+        raise err from None
 
     def score(self, frame: Frame, class_name: str | int, *, frame_id: Any = 0) -> AnomalyResult:
         """Scores one frame; raises a typed ClientError on failure."""
@@ -168,29 +194,35 @@ class AnomalyClient(ClientCore):
 
         return self._with_refresh(class_name, call)
 
-    def _submit(self, batch: list, cid: int) -> Callable[[], Any]:
+    def _submit(self, batch: list, cid: int, *, client=None, url: str | None = None) -> Callable[[], Any]:
         """Sends one request without waiting; returns the function that waits for its answer
-        (typed errors). Several requests are then in flight on one client, gRPC or HTTP."""
+        (typed errors). Several requests are then in flight on one client, gRPC or HTTP. `client`/`url`:
+        one replica's own client instead of this client's, and its address for the errors."""
         model, inputs, outputs = self._request(batch, cid)
+        client = client or self._client
+
+        def err(exc):
+            return from_triton(exc, url=url, model=self.model) if url else self._err(exc)
+
         try:
             if self.config.protocol == "http":
-                wait = self._client.async_infer(model, inputs, outputs=outputs).get_result
+                wait = client.async_infer(model, inputs, outputs=outputs).get_result
             else:
                 future: concurrent.futures.Future = concurrent.futures.Future()
 
                 def done(result, error):  # tritonclient calls it with these keywords, on its own thread
                     future.set_exception(error) if error is not None else future.set_result(result)
 
-                self._client.async_infer(model, inputs, done, outputs=outputs, client_timeout=self.config.timeout_s)
+                client.async_infer(model, inputs, done, outputs=outputs, client_timeout=self.config.timeout_s)
                 wait = future.result
         except CALL_ERRORS as exc:
-            raise self._err(exc) from None
+            raise err(exc) from None
 
         def result():
             try:
                 return wait()
             except CALL_ERRORS as exc:
-                raise self._err(exc) from None
+                raise err(exc) from None
 
         return result
 
@@ -234,10 +266,19 @@ class AnomalyClient(ClientCore):
         at once (and so are later frames until the server answers again). Over HTTP it is a window
         of concurrent requests. If `frames` raises, the frames already taken get their results
         first, then the exception propagates. `max_in_flight`/`timeout_s` None means the config's;
-        other values are checked (ClientConfigError)."""
+        other values are checked (ClientConfigError).
+
+        Over several replicas (gRPC or HTTP) each frame is one request to the next healthy replica. A
+        replica that dies, stops or is not ready costs no frame: its unanswered frames are re-sent to
+        another replica (each to at most `max_retries` more), exactly one result per frame, in input
+        order; the replica sits out, with backoff, until its readiness probe passes again. With no
+        replica ready, frames wait for one up to `reconnect_timeout_s`, then fail ServerUnavailable.
+        `last_spread` then says how many frames each replica answered."""
         window = self.config.stream_window(max_in_flight)
         timeout = self.config.stream_timeout(timeout_s)
         self._resolve(class_name)  # an unknown class: the class list is re-read once, before any frame
+        if self.config.fleet:
+            return FleetStream(self, class_name, window=window).run(frames)
         if self.config.protocol != "grpc":
             return self._stream_unary(frames, class_name, window)
         return GrpcStream(self, class_name, window=window, timeout=timeout).run(frames)
