@@ -75,6 +75,9 @@ def _register_serve(subparsers) -> None:
                         "what `promptmad classes --server` asks for (admin key). poll: not recommended (SECURITY.md)")
     s.add_argument("--no-verify", action="store_true", help="do not verify the manifest checksums")
     s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--replicas", type=int, default=1,
+                   help="local servers to start, each on the next block of ports (8000-8002, 8003-8005, ...), to try a "
+                        "fleet on one machine: point the client at all of their gRPC (or HTTP) ports (default: 1)")
     s.add_argument("--admin-key-file", help="where to write the admin key, mode 0600 "
                    "(default: ~/.cache/promptmad/admin-key-<http port>, or under $PROMPTMAD_CACHE)")
     s.set_defaults(func=_serve)
@@ -98,27 +101,32 @@ def _export(args) -> int:
 
 
 def _serve(args) -> int:
+    from promptmad.export.fleet import make_replicas, start_all, stop_all
     from promptmad.export.repository import validate_repository
-    from promptmad.export.server import TritonServer
 
     validate_repository(args.repo)
-    server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, model_control_mode=args.model_control_mode,
-                          log_verbose=args.log_verbose, verify_manifest=not args.no_verify, startup_timeout=300)
+    servers = make_replicas(args.repo, args.replicas, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                            metrics_port=args.metrics_port, model_control_mode=args.model_control_mode,
+                            log_verbose=args.log_verbose, verify_manifest=not args.no_verify, startup_timeout=300)
+    server = servers[0]  # replicas share its admin key
     key_file = write_admin_key(server.admin_key, args.admin_key_file or default_admin_key_file(server.http_port))
-    print(f"starting tritonserver on {args.repo} (log: {server.log_path}) ...", flush=True)
+    print(f"starting {len(servers)} tritonserver(s) on {args.repo} (log: {', '.join(str(s.log_path) for s in servers)}) ...",
+          flush=True)
     try:
-        server.start()
+        start_all(servers)
         # before "ready." is printed: a Ctrl-C right after it must still stop the server cleanly
         stop = _stop_on_signals()
         try:
             _print_models(server)
-            print(f"ready.  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}   "
-                  f"admin key: {key_file}\nCtrl-C to stop.", flush=True)
-            return _wait(server, stop)
+            for s in servers:
+                print(f"ready.  gRPC {s.grpc_url}   HTTP {s.http_url}   metrics {s.metrics_url}   admin key: {key_file}")
+            if len(servers) > 1:
+                print(f"client: AnomalyClient([{', '.join(repr(s.grpc_url) for s in servers)}])")
+            print("Ctrl-C to stop.", flush=True)
+            return _wait(servers, stop)
         finally:
             print("stopping tritonserver ...", flush=True)
-            server.stop()
+            stop_all(servers)
             print("stopped.")
     finally:
         key_file.unlink(missing_ok=True)  # the key means nothing once the server is gone
@@ -178,22 +186,23 @@ def _print_models(server) -> None:
         pass
 
 
-def _wait(server, stop: dict[str, bool]) -> int:
+def _wait(servers, stop: dict[str, bool]) -> int:
     """Until a signal (0) or a restart that fails (1, with the server's last log lines). A dead step
-    (or a server that exited on its own) makes the supervisor restart it; each restart prints a line."""
+    (or a server that exited on its own) makes its supervisor restart it; each restart prints a line."""
     import time
 
     from promptmad.errors import ServeError
     from promptmad.export.supervisor import Supervisor
 
-    supervisor = Supervisor(server).arm()
+    supervisors = [Supervisor(s).arm() for s in servers]
     while not stop["now"]:
-        try:
-            event = supervisor.check()
-        except ServeError as exc:
-            print(f"tritonserver could not be restarted: {exc}", flush=True)
-            return 1
-        if event:
-            print(event, flush=True)
+        for supervisor in supervisors:
+            try:
+                event = supervisor.check()
+            except ServeError as exc:
+                print(f"tritonserver could not be restarted: {exc}", flush=True)
+                return 1
+            if event:
+                print(event, flush=True)
         time.sleep(0.5)
     return 0
