@@ -30,6 +30,8 @@ def main() -> int:
     ap.add_argument("--mount", default="/cam")
     ap.add_argument("--udp-port", type=int, default=5004, help="where the publisher sends MPEG-TS")
     ap.add_argument("--test-pattern", action="store_true", help="serve a generated pattern (no publisher)")
+    ap.add_argument("--per-client", action="store_true",
+                    help="a pipeline per client (--test-pattern only): a client that stops reading cannot hold back the others")
     ap.add_argument("--size", default="320x240")
     ap.add_argument("--fps", type=int, default=25)
     args = ap.parse_args()
@@ -49,7 +51,7 @@ def main() -> int:
     server.set_service(str(args.port))
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch)
-    factory.set_shared(True)  # one pipeline for every client, as a camera has
+    factory.set_shared(not args.per_client)
     server.get_mount_points().add_factory(args.mount, factory)
     if server.attach(None) == 0:
         print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr)

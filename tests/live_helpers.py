@@ -4,10 +4,12 @@ stands in for the server (optionally slow) where the test is about the client's 
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,35 +71,68 @@ class Publisher:
         self.kill()
 
 
-class RtspServer:
-    """scripts/rtsp_server.py on 127.0.0.1: relays what a Publisher sends to udp_port as rtsp://.../cam."""
+# A slow 2-core CI machine under load takes ~10 s to import gi and start the server, and as long again
+# for a first RTSP session to preroll its encoder: waits for them are sized for that, not for a laptop.
+START_S = 90.0
 
-    def __init__(self, *, test_pattern: bool = False):
+
+class RtspServer:
+    """scripts/rtsp_server.py on 127.0.0.1: relays what a Publisher sends to udp_port as rtsp://.../cam,
+    or with test_pattern serves a generated `fps` camera, one pipeline per client: with a shared one,
+    a client that stops reading (the wait policy) holds back the pipeline every client is fed from.
+    Ready only once a DESCRIBE is answered, so a client never races the server's start."""
+
+    def __init__(self, *, test_pattern: bool = False, fps: int = 25):
         self.port, self.udp_port = free_port(), free_port(socket.SOCK_DGRAM)
         self.url = f"rtsp://127.0.0.1:{self.port}/cam"
-        self.test_pattern = test_pattern
+        self.test_pattern, self.fps = test_pattern, fps
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "RtspServer":
-        cmd = [SYSTEM_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--udp-port", str(self.udp_port), "--size", "96x72"]
-        self.proc = subprocess.Popen(cmd + (["--test-pattern"] if self.test_pattern else []), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        cmd = [SYSTEM_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--udp-port", str(self.udp_port),
+               "--size", "96x72", "--fps", str(self.fps)]
+        cmd += ["--test-pattern", "--per-client"] if self.test_pattern else []
+        # stderr to a file, never an unread pipe: a server blocks once a pipe it writes to is full
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="rtsp-server-", suffix=".log", delete=False)
+        env = {**os.environ, "GST_DEBUG": os.environ.get("GST_DEBUG", "2")}  # warnings and errors in the log
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         line = self.proc.stdout.readline()  # "ready ..." once listening, or nothing if it died
         if not line.startswith("ready"):
-            self.proc.kill()
-            raise AssertionError(f"RTSP server did not start ({self.proc.stderr.read()[-2000:]}); {NEEDS}")
+            self.__exit__()
+            raise AssertionError(f"RTSP server did not start ({self.stderr()}); {NEEDS}")
+        try:
+            wait_until(self._describes, START_S, f"the RTSP server to answer DESCRIBE {self.url}", step=0.2)
+        except AssertionError as exc:
+            self.__exit__()
+            raise AssertionError(f"{exc}; server log: {self.stderr()}") from None
         return self
+
+    def _describes(self) -> bool:
+        """One RTSP DESCRIBE: True once the mount answers 200 with an SDP (its pipeline prerolled)."""
+        request = f"DESCRIBE {self.url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n".encode()
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=START_S) as sock:
+                sock.sendall(request)
+                return sock.recv(4096).startswith(b"RTSP/1.0 200")
+        except OSError:
+            return False
+
+    def stderr(self, tail: int = 2000) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-tail:]
 
     def publisher(self, **kw) -> Publisher:
         return Publisher(f"udp://127.0.0.1:{self.udp_port}?pkt_size=1316", **kw)
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdout.close()
             self.proc.terminate()
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 def fake_scorer(delay_s: float = 0.0, threshold: float = 1e9):
