@@ -202,15 +202,19 @@ def _score_peers(encoder, cls: str, data, test: dict, seed: int, cache: dict) ->
     return {v: cache[keys[v]] for v in PEER_SHOTS}
 
 
-def score_run(run: str | Path, data, split: Path, classes: Sequence[str] | None, cache: dict) -> dict:
-    """One run: {"seed", "classes", "per_class": {system: {class: {kind: metrics}}}, "seconds"}."""
+def score_run(run: str | Path, data, split: Path, classes: Sequence[str] | None, cache: dict,
+              systems: Sequence[str] = ALL_SYSTEMS) -> dict:
+    """One run: {"seed", "classes", "per_class": {system: {class: {kind: metrics}}}, "seconds"}; only
+    `systems` are scored (the metrics, AUPRO above all, are most of the time; the peers are skipped
+    when none is asked for)."""
     from promptmad.training.checkpoint import load_model
     from promptmad.training.data.datasets import load_samples
 
     model, info = load_model(run)
     seed = int(info.training.get("seed", 0))
     wanted = list(classes) if classes else info.classes
-    per_class: dict[str, dict] = {s: {} for s in ALL_SYSTEMS}
+    per_class: dict[str, dict] = {s: {} for s in systems}
+    peers = [v for v in PEER_SHOTS if v in systems]
     seconds = {"promptmad": 0.0, "peer": 0.0}
     for cls in wanted:
         samples = load_samples(data, split="test", classes=[cls])
@@ -218,10 +222,12 @@ def score_run(run: str | Path, data, split: Path, classes: Sequence[str] | None,
         test = _load(samples, info.arch.image_size)
         t0 = time.perf_counter()
         for system, (maps, scores) in _promptmad(model, info.class_id(cls), test["frames"]).items():
-            per_class[system][cls] = per_kind(test, maps, scores)
+            if system in per_class:
+                per_class[system][cls] = per_kind(test, maps, scores)
         t1 = time.perf_counter()
-        for v, rows in _score_peers(model.encoder, cls, data, test, seed, cache).items():
-            per_class[v][cls] = rows
+        for v, rows in (_score_peers(model.encoder, cls, data, test, seed, cache) if peers else {}).items():
+            if v in per_class:
+                per_class[v][cls] = rows
         seconds["promptmad"] += t1 - t0
         seconds["peer"] += time.perf_counter() - t1
         log.info("%s %s: %d test images scored", run, cls, len(samples))

@@ -78,13 +78,18 @@ def _register_evaluate(subparsers) -> None:
 def _register_ablation(subparsers) -> None:
     a = _command(
         subparsers, "ablation", "train + evaluate the ablations (text prompts off, 0 diffusion steps, BCE instead of Focal)",
-        "Trains the full model and each ablation with the same data, seed and steps, then prints one table of mean metrics.",
+        "Trains the full model and each ablation with the same data, steps and seeds (a finished run already in "
+        "OUT/<variant>/seed<N> is reused), scores each per defect kind (the dataset's kinds and the unseen kinds of "
+        "`promptmad generalise`) and prints mean ± std over the seeds per kind group (OUT/ablation.md).",
     )
     a.add_argument("--data", required=True)
     a.add_argument("--out", required=True, help="folder for one run per variant + ablation.md")
     a.add_argument("--arch", default="default")
     a.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N",
+                   help="one run per variant and seed; the table gives mean ± std over them (default: 0 1 2)")
+    a.add_argument("--classes", nargs="+", metavar="CLASS", help="score only these classes (default: all)")
     a.set_defaults(func=_ablation)
 
 
@@ -118,5 +123,6 @@ def _evaluate(args) -> int:
 def _ablation(args) -> int:
     from promptmad.training.ablation import run_ablation
 
-    print(run_ablation(args.data, args.out, arch=args.arch, steps=args.steps, variants=args.variants))
+    print(run_ablation(args.data, args.out, arch=args.arch, steps=args.steps, variants=args.variants,
+                       seeds=args.seeds, classes=args.classes))
     return 0
