@@ -23,6 +23,9 @@ examples:
   # a wider sweep at the camera's resolution:
   promptmad bench --repo model_repository --data data/synth --image-size 640 --concurrency 1:16:2
 
+  # only write perf_analyzer --input-data files (every model) and print the command lines, then exit:
+  promptmad bench --repo model_repository --data data/synth --write-input-data perf_input/input.json
+
 what is written to --out:
   results.md       the table to paste into a report (machine, FPS, latencies, ratios, per-step costs)
   results.json     every number, including each perf_analyzer row
@@ -32,7 +35,8 @@ what is written to --out:
 
 Run it on an otherwise idle machine: anything else using the CPU lowers every figure.
 perf_analyzer comes from the tritonclient==2.51.0 wheel and needs `apt-get install libb64-0d`
-and `pip install nvidia-cuda-runtime-cu12` (bash scripts/setup.sh installs both).
+and `pip install nvidia-cuda-runtime-cu12` (bash scripts/setup.sh installs both); run it by hand
+as `promptmad-perf-analyzer ARGS...` (it sets the library path the bare binary lacks).
 """
 
 
@@ -75,6 +79,11 @@ def register(subparsers) -> None:
     g.add_argument("--run", help="training run for the PyTorch eager figure (default: the checkpoint named in the "
                                  "repository's manifest.json)")
     g.add_argument("--data", help="dataset whose test frames are sent (default: the run's training data)")
+    g.add_argument("--write-input-data", metavar="FILE",
+                   help="benchmark nothing: write --frames real frames of --data at the first --image-size as "
+                        "perf_analyzer --input-data JSON, FILE for the promptmad ensemble and FILE's stem + "
+                        ".<model>.json for promptmad_encoded and each composing model, print the perf_analyzer "
+                        "command lines of bench's sweeps, and exit")
     m = p.add_argument_group("how")
     m.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
     m.add_argument("--concurrency", type=_range, default=(1, 8, 1), metavar="START:END[:STEP]",
@@ -115,12 +124,8 @@ def _manifest_defaults(repo: Path) -> tuple[str | None, str | None]:
     return (run if run and Path(run).is_dir() else None), (data if data and Path(data).is_dir() else None)
 
 
-def _bench(args) -> int:
-    from promptmad.benchmarks.compare import run_benchmark
-    from promptmad.benchmarks.perf_analyzer import check_perf_analyzer
-    from promptmad.benchmarks.report import format_markdown
-
-    print(check_perf_analyzer())
+def _sources(args) -> tuple[Path | None, str | None, str]:
+    """(repo, run, data) of a bench invocation: the manifest's run and its data fill what is not given."""
     repo = Path(args.repo) if args.repo else None
     if repo is not None and not repo.is_dir():
         if args.url is None:
@@ -137,6 +142,48 @@ def _bench(args) -> int:
             print(f"--data not given: using the run's training data {data}")
     if data is None:
         raise SystemExit("--data is needed: the dataset whose test frames are sent (e.g. --data data/synth)")
+    return repo, run, data
+
+
+def _write_input_data(args, repo: Path | None, data: str) -> int:
+    """--write-input-data: the files and the command lines, no server started, no perf_analyzer run."""
+    from promptmad import contract
+    from promptmad.benchmarks.frames import class_ids, load_frames
+    from promptmad.benchmarks.input_data import commands, write_input_data
+    from promptmad.benchmarks.perf_analyzer_wrapper import PROG
+
+    if len(args.sizes) != 1:
+        raise SystemExit(f"--image-size {' '.join(map(str, args.sizes))}: --write-input-data writes one frame size; give one")
+    if args.url:
+        from promptmad.benchmarks.server_stats import ensemble_parameters
+
+        served = ensemble_parameters(args.url)["class_names"]
+    else:
+        from promptmad.export.class_table import ClassTable
+
+        served = ClassTable.read(repo).names
+    frames, names = load_frames(data, n=args.frames, size=args.sizes[0])
+    files, source = write_input_data(args.write_input_data, frames, class_ids(names, served), repo=repo, grpc_url=args.url)
+    print(f"{len(frames)} frames of {data} at {args.sizes[0]}x{args.sizes[0]}; composing models' inputs: {source}")
+    for model, path in files.items():
+        print(f"  {model:<20} {path}")
+    print(f"perf_analyzer command lines of bench's sweeps ({PROG} runs perf_analyzer here; in the NGC SDK container "
+          f"write perf_analyzer; the shared-memory lines need ${contract.ADMIN_KEY_ENV}, the server's admin key):")
+    for line in commands(files, frames, args.url or "localhost:8001", concurrency=args.concurrency,
+                         request_count=args.request_count, executable=PROG):
+        print(line)
+    return 0
+
+
+def _bench(args) -> int:
+    from promptmad.benchmarks.compare import run_benchmark
+    from promptmad.benchmarks.perf_analyzer import check_perf_analyzer
+    from promptmad.benchmarks.report import format_markdown
+
+    if args.write_input_data:
+        return _write_input_data(args, *_sources(args)[::2])
+    print(check_perf_analyzer())
+    repo, run, data = _sources(args)
     summary = run_benchmark(run, repo, data, args.out, concurrency=args.concurrency, sizes=tuple(args.sizes),
                             shared_memory=args.shared_memory, compare=args.compare, n_frames=args.frames, url=args.url,
                             server_pid=args.server_pid, per_model=args.per_model, request_count=args.request_count,

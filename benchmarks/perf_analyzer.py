@@ -8,7 +8,7 @@ How it runs on a CPU-only machine (verified on Debian 12, glibc 2.36):
 - it links ``libb64.so.0d``: Debian/Ubuntu package ``libb64-0d`` (``apt-get install libb64-0d``);
 - it links ``libcudart.so.12`` even without a GPU: the PyPI wheel ``nvidia-cuda-runtime-cu12``
   provides it under ``site-packages/nvidia/cuda_runtime/lib``, which :func:`perf_env` puts on
-  ``LD_LIBRARY_PATH``;
+  ``LD_LIBRARY_PATH`` (by hand: ``promptmad-perf-analyzer ARGS``, :mod:`perf_analyzer_wrapper`);
 - the newer standalone ``perf-analyzer`` wheels need glibc >= 2.38 and do not run on Debian 12.
 
 Outputs: ``-f`` CSV (one row per concurrency, sorted by perf_analyzer by *throughput*, not by
@@ -134,6 +134,11 @@ def check_perf_analyzer(exe: Path | None = None) -> str:
 def find_perf_analyzer(check: bool = True) -> Path:
     """Path of a perf_analyzer binary (``$PERF_ANALYZER``, this environment's bin/, PATH). With
     ``check``, also starts it (``--version``) so a missing libb64/libcudart fails here, named."""
+    chosen = os.environ.get("PERF_ANALYZER")
+    if chosen and not (Path(chosen).is_file() and os.access(chosen, os.X_OK)):
+        # a path the user chose that is wrong must not silently fall back to another binary
+        raise BenchError(f"PERF_ANALYZER={chosen}: no executable file there; point it at a perf_analyzer binary "
+                         f"(e.g. {Path(sys.executable).parent / 'perf_analyzer'}) or unset it")
     for c in _candidates():
         if c.is_file() and os.access(c, os.X_OK):
             if check:
@@ -145,8 +150,17 @@ def find_perf_analyzer(check: bool = True) -> Path:
 # -- input data --------------------------------------------------------------------------------------
 
 def _b64_tensor(arr: np.ndarray) -> dict:
+    """One tensor as perf_analyzer's ``{"b64", "shape"}``. perf_analyzer sends a b64 field's bytes
+    as the tensor's raw buffer, so a BYTES tensor (numpy object array of bytes) is written in Triton's
+    wire form: each element prefixed by its 4-byte little-endian length."""
     arr = np.ascontiguousarray(arr)
-    return {"b64": base64.b64encode(arr.tobytes()).decode("ascii"), "shape": [int(s) for s in arr.shape]}
+    if arr.dtype == np.object_:
+        from tritonclient.utils import serialize_byte_tensor
+
+        raw = serialize_byte_tensor(arr).item() if arr.size else b""
+    else:
+        raw = arr.tobytes()
+    return {"b64": base64.b64encode(raw).decode("ascii"), "shape": [int(s) for s in arr.shape]}
 
 
 def build_input_data(
@@ -183,7 +197,8 @@ def build_input_data(
 
 def build_tensor_input_data(feeds: Sequence[dict[str, np.ndarray]], out_json: Path) -> Path:
     """``--input-data`` for any model: each entry maps input name -> per-item array (no batch dim),
-    written as base64 with its shape (dtype must match the model's input; it is not recorded)."""
+    written as base64 with its shape (dtype must match the model's input; it is not recorded; BYTES
+    inputs are object arrays of bytes)."""
     if not feeds:
         raise BenchError("build_tensor_input_data: no entries")
     return _write_json({"data": [{name: _b64_tensor(arr) for name, arr in feed.items()} for feed in feeds]}, out_json)
@@ -196,7 +211,11 @@ def read_input_data(path: Path, dtypes: dict[str, str | np.dtype]) -> list[dict[
         feed = {}
         for name, t in entry.items():
             dt = np.dtype(dtypes[name])
-            if "b64" in t:
+            if "b64" in t and dt == np.object_:
+                from tritonclient.utils import deserialize_bytes_tensor
+
+                arr = deserialize_bytes_tensor(base64.b64decode(t["b64"]))
+            elif "b64" in t:
                 arr = np.frombuffer(base64.b64decode(t["b64"]), dt)
             else:
                 arr = np.asarray(t["content"] if isinstance(t, dict) else t, dt)

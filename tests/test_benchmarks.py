@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
+import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -427,3 +431,103 @@ def test_gpu_script_syntax_and_grid_summary(tmp_path):
     assert f"| 224x224 | 1 | none | {best['Inferences/Second']:.1f} | {best['Concurrency']} |" in md
     assert "| 224x224 | 1 | system |" in md and md.count("| 224 | 1 |") == 8
     assert "No perf_s" in grid.summarize([])
+
+
+# -- perf_analyzer by hand: promptmad-perf-analyzer and bench --write-input-data -----------------
+
+WRAPPER = Path(sys.executable).parent / "promptmad-perf-analyzer"  # the console script of pyproject.toml
+
+
+def _wrapper(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """The installed wrapper, with no library path of its own: whatever it needs, it must set."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "PERF_ANALYZER")}
+    return subprocess.run([str(WRAPPER), *args], capture_output=True, text=True, env={**base, **env}, timeout=120)
+
+
+def test_bytes_input_data_is_triton_wire_form(tmp_path):
+    png = np.array([b"\x89PNG-bytes"], np.object_)
+    path = build_tensor_input_data([{"image_bytes": png, "class_id": np.array([2], np.int32)}], tmp_path / "enc.json")
+    entry = json.loads(path.read_text())["data"][0]["image_bytes"]
+    # perf_analyzer sends a b64 field as the raw buffer: a BYTES element is its length (4 bytes LE), then the bytes
+    assert base64.b64decode(entry["b64"]) == len(png[0]).to_bytes(4, "little") + png[0] and entry["shape"] == [1]
+    back = read_input_data(path, {"image_bytes": np.object_, "class_id": np.int32})[0]
+    assert back["image_bytes"].tolist() == [png[0]] and back["class_id"].tolist() == [2]
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("nope", "PERF_ANALYZER=.*nope: no executable file there.*unset it"),
+    ("libcudart", r"libcudart.so.12 is missing.*pip install nvidia-cuda-runtime-cu12"),
+    ("itself", "promptmad-perf-analyzer itself"),
+])
+def test_wrapper_names_the_fix(tmp_path, setting, needle):
+    assert WRAPPER.is_file(), f"{WRAPPER} not installed: `pip install -e .` (bash scripts/setup.sh)"
+    target = {"nope": tmp_path / "nope", "itself": WRAPPER,
+              "libcudart": _fake_binary(tmp_path / "perf_analyzer", "perf_analyzer: error while loading shared libraries: "
+                                        "libcudart.so.12: cannot open shared object file: No such file or directory", 127)}[setting]
+    proc = _wrapper(["-m", "promptmad"], PERF_ANALYZER=str(target))
+    assert proc.returncode == 127 and re.search(needle, proc.stderr), proc.stderr
+
+
+def test_wrapper_without_any_binary(monkeypatch, capsys):
+    import promptmad.benchmarks.perf_analyzer as pa
+    from promptmad.benchmarks.perf_analyzer_wrapper import main
+
+    monkeypatch.delenv("PERF_ANALYZER", raising=False)
+    monkeypatch.setattr(pa, "_candidates", lambda: [])
+    assert main(["-m", "promptmad"]) == 127
+    err = capsys.readouterr().err
+    assert "perf_analyzer not found" in err and "pip install 'tritonclient[all]==2.51.0'" in err
+
+
+@pytest.fixture(scope="module")
+def written_input_data(triton_server, tiny_repository, tiny_dataset, tmp_path_factory):
+    """`promptmad bench --write-input-data` on the tiny repository: (folder, files, printed lines)."""
+    import contextlib
+
+    from promptmad.cli import main
+
+    out = tmp_path_factory.mktemp("pa_input")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["bench", "--repo", str(tiny_repository), "--url", triton_server.grpc_url, "--data", str(tiny_dataset),
+                     "--frames", "4", "--image-size", "64", "--concurrency", "1:1", "--request-count", "8",
+                     "--write-input-data", str(out / "input.json")]) == 0
+    files = {p.name: p for p in out.glob("*.json")}
+    return out, files, [ln for ln in printed.getvalue().splitlines() if ln.startswith("promptmad-perf-analyzer ")]
+
+
+def test_write_input_data_every_model(written_input_data):
+    from PIL import Image
+
+    _, files, lines = written_input_data
+    models = [contract.MODEL_NAME, contract.ENCODED_MODEL_NAME, *contract.STEPS]
+    assert sorted(files) == sorted(["input.json", *(f"input.{m}.json" for m in models[1:])])
+    raw = read_input_data(files["input.json"], {"image": np.uint8, "class_id": np.int32})
+    enc = read_input_data(files["input.promptmad_encoded.json"], {"image_bytes": np.object_, "class_id": np.int32})
+    assert len(raw) == len(enc) == 4 and raw[0]["image"].shape == (64, 64, 3)
+    for r, e in zip(raw, enc):  # the same real frames, as PNG files, with the same class ids
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(e["image_bytes"][0]))), r["image"])
+        assert e["class_id"].tolist() == r["class_id"].tolist()
+    for step in contract.STEPS.values():
+        entries = json.loads(files[f"input.{step.name}.json"].read_text())["data"]
+        assert len(entries) == 4 and all(tuple(e) == step.input_names for e in entries), step.name
+    assert len(lines) == 2 * 2 + len(contract.STEPS)  # each ensemble plain and with shared memory, each step
+    key = f'-H "{contract.GRPC_ADMIN_KEY_HEADER}:${contract.ADMIN_KEY_ENV}"'  # expanded by the user's shell
+    assert sum("--shared-memory system" in ln and key in ln for ln in lines) == 2
+
+
+@pytest.mark.server
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not _pa_works(), reason="perf_analyzer does not run here (bash scripts/setup.sh)")
+@pytest.mark.parametrize("model, shm", [("promptmad", False), ("promptmad_encoded", True), ("visual_encoder", False)])
+def test_printed_command_lines_run(written_input_data, triton_server, model, shm):
+    """The lines --write-input-data prints, run verbatim by a shell through the installed wrapper
+    (a loose -s 100 appended: a busy CI machine must not fail the stability criterion)."""
+    out, _, lines = written_input_data
+    line = next(ln for ln in lines if f" -m {model} " in ln and ("--shared-memory" in ln) == shm)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "PERF_ANALYZER")}
+    env[contract.ADMIN_KEY_ENV] = triton_server.admin_key
+    proc = subprocess.run(["bash", "-c", line + " -s 100"], cwd=out, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = parse_csv(out / f"perf_{model}{'_shm' if shm else ''}.csv")
+    assert rows and all(r["Inferences/Second"] > 0 for r in rows)
