@@ -158,10 +158,13 @@ def _write_input_data(args, repo: Path | None, data: str) -> int:
         from promptmad.benchmarks.server_stats import ensemble_parameters
 
         served = ensemble_parameters(args.url)["class_names"]
-    else:
+    elif (repo / contract.MODEL_NAME / "config.pbtxt").is_file():
         from promptmad.export.class_table import ClassTable
 
         served = ClassTable.read(repo).names
+    else:
+        raise SystemExit(f"--repo {repo}: not an exported model repository (no {contract.MODEL_NAME}/config.pbtxt); export one "
+                         f"with `promptmad export --ckpt RUN --out {repo}`, or give --url of a server to read the classes from")
     frames, names = load_frames(data, n=args.frames, size=args.sizes[0])
     files, source = write_input_data(args.write_input_data, frames, class_ids(names, served), repo=repo, grpc_url=args.url)
     print(f"{len(frames)} frames of {data} at {args.sizes[0]}x{args.sizes[0]}; composing models' inputs: {source}")

@@ -54,6 +54,9 @@ INSTALL_HINTS = {
 }
 
 
+UNSTABLE = "Failed to obtain stable measurement"  # perf_analyzer's words when a concurrency does not converge
+
+
 class BenchError(PromptMADError):
     """perf_analyzer is missing, cannot start, was given bad arguments, or failed."""
 
@@ -459,4 +462,7 @@ def run(argv: Sequence[str], timeout: float = 900, log_path: Path | None = None)
     if proc.returncode != 0:
         hint = loader_error_hint(text)
         raise BenchError(f"perf_analyzer failed (exit {proc.returncode}){': ' + hint if hint else ''}:\n{text[-2000:]}")
+    if UNSTABLE in text:
+        # 2.51 exits 0 when a later concurrency does not stabilise, its CSV silently short of those rows
+        raise BenchError(f"perf_analyzer stopped the sweep early ({UNSTABLE}):\n{text[-2000:]}")
     return proc.stdout

@@ -201,6 +201,14 @@ def test_find_reports_missing_libraries(tmp_path, monkeypatch):
         run([str(fake), "--version"])
 
 
+def test_run_refuses_a_sweep_cut_short(tmp_path):
+    # perf_analyzer 2.51 exits 0 when concurrency 2 never stabilises, with only concurrency 1 in its CSV
+    fake = _fake_binary(tmp_path / "perf_analyzer", "Failed to obtain stable measurement within 10 measurement windows "
+                        "for concurrency 2. Please try to increase the --measurement-request-count.", 0)
+    with pytest.raises(BenchError, match="stopped the sweep early.*stable measurement"):
+        run([str(fake)])
+
+
 def test_find_reports_missing_binary(tmp_path, monkeypatch):
     import promptmad.benchmarks.perf_analyzer as pa
 
@@ -477,6 +485,16 @@ def test_wrapper_without_any_binary(monkeypatch, capsys):
     assert main(["-m", "promptmad"]) == 127
     err = capsys.readouterr().err
     assert "perf_analyzer not found" in err and "pip install 'tritonclient[all]==2.51.0'" in err
+
+
+def test_write_input_data_needs_an_exported_repository(tmp_path):
+    from promptmad.cli import main
+
+    with pytest.raises(SystemExit, match="not an exported model repository.*promptmad export"):
+        main(["bench", "--repo", str(tmp_path), "--data", str(tmp_path), "--write-input-data", str(tmp_path / "in.json")])
+    with pytest.raises(SystemExit, match="--image-size 224 256: .*give one"):
+        main(["bench", "--repo", str(tmp_path), "--data", str(tmp_path), "--image-size", "224", "256",
+              "--write-input-data", str(tmp_path / "in.json")])
 
 
 @pytest.fixture(scope="module")
