@@ -51,17 +51,27 @@ def train_holdout(data, out: Path, cls: str, info, steps: int | None = None) -> 
     return Path(train(TrainConfig(**settings)))
 
 
+def load_holdout(run: Path, cls: str) -> tuple:
+    """(model, info) of `run`, which must have been trained without `cls` (its info is read first, so a
+    wrong run fails before its weights load)."""
+    from promptmad.training.checkpoint import load_model, read_run_info
+
+    if cls in read_run_info(run).classes:
+        raise ValueError(f"{run} was trained on {cls!r}: pass a run trained without it (--holdout-run {cls}=RUN)")
+    return load_model(run)
+
+
 @torch.no_grad()
-def onboarded_maps(run: Path, cls: str, shots: np.ndarray, frames: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
-    """((maps, scores) of `frames` as the served map of class `cls` onboarded into `run` from the normal
-    images `shots` [K, S, S, 3], its calibration); a fresh model per call (class_rows modifies it)."""
+def onboarded_maps(holdout: tuple, cls: str, shots: np.ndarray, frames: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """((maps, scores) of `frames` as the served map of class `cls` onboarded from the normal images
+    `shots` [K, S, S, 3] into the model of `holdout` (load_holdout's pair), its calibration). class_rows
+    modifies the model it is given: it gets a copy, cheaper than loading the run again for every K."""
+    import copy
+
     from promptmad.benchmarks.generalisation import TERMS, _promptmad
-    from promptmad.training.checkpoint import load_model
     from promptmad.training.onboard import class_rows, use_class
 
-    model, info = load_model(run)
-    if cls in info.classes:
-        raise ValueError(f"{run} was trained on {cls!r}: pass a run trained without it (--holdout-run {cls}=RUN)")
+    model, info = copy.deepcopy(holdout[0]), holdout[1]
     rows = class_rows(model, info, cls, shots)
     use_class(model, rows, shots[:1])
     maps, scores = _promptmad(model, 0, frames)[next(iter(TERMS))]
@@ -81,9 +91,9 @@ def score_class(cls: str, data, split: Path, trained: Path, holdout: Path, seed:
     t0 = time.perf_counter()
     rows = {TRAINED: per_kind(test, *_promptmad(model, info.class_id(cls), test["frames"])[next(iter(TERMS))])}
     normal = _normal_frames(data, cls, info.arch.image_size).numpy()
-    calibrations = {}
+    calibrations, held = {}, load_holdout(holdout, cls)
     for k in SHOTS:
-        maps, calibrations[k] = onboarded_maps(holdout, cls, normal[kshot_indices(len(normal), k, seed, cls)], test["frames"])
+        maps, calibrations[k] = onboarded_maps(held, cls, normal[kshot_indices(len(normal), k, seed, cls)], test["frames"])
         rows[onboarded(k)] = per_kind(test, *maps)
     t1 = time.perf_counter()
     peers = _score_peers(model.encoder, cls, data, test, seed, cache)  # the encoder is frozen: the holdout run's is the same
