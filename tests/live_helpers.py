@@ -80,7 +80,9 @@ class RtspServer:
     """scripts/rtsp_server.py on 127.0.0.1: relays what a Publisher sends to udp_port as rtsp://.../cam,
     or with test_pattern serves a generated `fps` camera, one pipeline per client: with a shared one,
     a client that stops reading (the wait policy) holds back the pipeline every client is fed from.
-    Ready only once a DESCRIBE is answered, so a client never races the server's start."""
+    Ready only once it answers, so a client never races the server's start: a test pattern once a
+    DESCRIBE is answered (its pipeline prerolled); a relay once an OPTIONS is (its DESCRIBE waits for
+    the publisher's first packets, and tests start the publisher after the server)."""
 
     def __init__(self, *, test_pattern: bool = False, fps: int = 25):
         self.port, self.udp_port = free_port(), free_port(socket.SOCK_DGRAM)
@@ -98,18 +100,23 @@ class RtspServer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         line = self.proc.stdout.readline()  # "ready ..." once listening, or nothing if it died
         if not line.startswith("ready"):
-            self.__exit__()
-            raise AssertionError(f"RTSP server did not start ({self.stderr()}); {NEEDS}")
+            self._fail(f"RTSP server did not start; {NEEDS}")
+        method = "DESCRIBE" if self.test_pattern else "OPTIONS"
         try:
-            wait_until(self._describes, START_S, f"the RTSP server to answer DESCRIBE {self.url}", step=0.2)
+            wait_until(lambda: self._answers(method), START_S, f"the RTSP server to answer {method} {self.url}", step=0.2)
         except AssertionError as exc:
-            self.__exit__()
-            raise AssertionError(f"{exc}; server log: {self.stderr()}") from None
+            self._fail(str(exc))
         return self
 
-    def _describes(self) -> bool:
-        """One RTSP DESCRIBE: True once the mount answers 200 with an SDP (its pipeline prerolled)."""
-        request = f"DESCRIBE {self.url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n".encode()
+    def _fail(self, message: str) -> None:
+        log = self.stderr()  # read before __exit__ removes the log
+        self.__exit__()
+        raise AssertionError(f"{message}; server log: {log}")
+
+    def _answers(self, method: str) -> bool:
+        """One RTSP request: True once the server answers it 200 (a DESCRIBE: with the mount's SDP,
+        its pipeline prerolled)."""
+        request = f"{method} {self.url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n".encode()
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=START_S) as sock:
                 sock.sendall(request)
