@@ -8,9 +8,11 @@ import time
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 from promptmad.client.core import CALL_ERRORS, AnomalyResult, ClientConfig, ClientCore, advance, error_result, frame_item
-from promptmad.client.errors import ClientError, UnknownClass
-from promptmad.client.fleet import FAILOVER_ERRORS, grpc_client_args
+from promptmad.client.errors import ClientError, UnknownClass, from_triton
+from promptmad.client.fleet import FAILOVER_ERRORS, Replica, grpc_client_args
+from promptmad.client.fleet_stream import AsyncFleetStream
 from promptmad.client.frames import Frame
+from promptmad.client.grpc_stream import CHANNEL_OPTIONS
 from promptmad.client.window import Source
 
 
@@ -19,11 +21,13 @@ class AsyncAnomalyClient(ClientCore):
     ...     r = await client.score(frame, "brick")
 
     `url` may name several replicas (a list or dns:///name:port): calls are spread by gRPC's
-    round-robin channel and a call a replica fails (down, unready) is retried up to `max_retries` times.
+    round-robin channel and a call a replica fails (down, unready) is retried up to `max_retries` times;
+    a stream balances over the healthy replicas as AnomalyClient.stream does (`last_spread` likewise).
     """
 
     def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, model: str = ClientConfig.model, **options):
         super().__init__(ClientConfig(url=url, protocol="grpc", model=model, **options))
+        self.last_spread: dict[str, int] = {}
 
     async def connect(self) -> "AsyncAnomalyClient":
         """Runs core._connect_calls with awaited calls: the sync client's checks, to the letter."""
@@ -82,6 +86,22 @@ class AsyncAnomalyClient(ClientCore):
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _replica_client(self, url: str):
+        """A client of one server (a replica of the fleet, for AsyncFleetStream's health-aware balancing)."""
+        import tritonclient.grpc.aio as aio
+
+        return aio.InferenceServerClient(url, channel_args=CHANNEL_OPTIONS, **self.config.grpc_kwargs())
+
+    async def _infer_on(self, replica: Replica, batch: list, cid: int):
+        """One request to one replica, no retry (the fleet stream fails it over); errors name the replica."""
+        import tritonclient.grpc.aio as aio
+
+        model, inputs, outputs = self._build_request(aio, batch, cid)
+        try:
+            return await replica.client.infer(model, inputs, outputs=outputs, client_timeout=self.config.timeout_s)
+        except CALL_ERRORS as exc:
+            raise from_triton(exc, url=replica.url, model=self.model) from None
+
     async def _infer(self, batch: list, cid: int):
         import tritonclient.grpc.aio as aio
 
@@ -131,9 +151,14 @@ class AsyncAnomalyClient(ClientCore):
     async def stream(self, frames: Iterable[Frame], class_name: str | int, *,
                      max_in_flight: int | None = None) -> AsyncIterator[AnomalyResult]:
         """Bounded concurrency, results in input order, one result (or error result) per frame. If
-        `frames` raises, the frames already taken get their results, then the exception propagates."""
+        `frames` raises, the frames already taken get their results, then the exception propagates.
+        Over several replicas: AnomalyClient.stream's failover guarantee (fleet_stream.py)."""
         window = self.config.stream_window(max_in_flight)
         _, name, thr = await self._resolve(class_name)
+        if self.config.fleet:
+            async for result in AsyncFleetStream(self, class_name, window=window).run(frames):
+                yield result
+            return
         tasks: list[asyncio.Task] = []
 
         async def one(seq, item):

@@ -1,13 +1,15 @@
 """A fleet of replicas as the clients see it: gRPC's own round-robin channel for single calls, a
 turn-taking set of HTTP clients, and the health-aware replica set a stream balances over (a
-replica that fails sits out, with backoff, until its readiness probe passes again)."""
+replica that fails sits out, with backoff, until its readiness probe passes again): the rule once,
+run blocking by the sync stream and awaited by the asyncio one."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from promptmad.client.core import CALL_ERRORS
 from promptmad.client.endpoints import DNS_SCHEME, ROUND_ROBIN_SERVICE_CONFIG, address_url, grpc_target, resolve
@@ -70,9 +72,15 @@ class Replica:
     failed: int = 0
 
 
+# What ReplicaSet.picking asks its driver to do: probe a replica (send back True when it is ready), or sleep.
+PROBE, SLEEP = "probe", "sleep"
+
+
 class ReplicaSet:
     """The replicas of one stream, picked in turn among the healthy ones. `make_client(url)` opens
-    a tritonclient client to one replica; `model` is what its readiness probe asks for."""
+    a tritonclient client to one replica; `model` is what its readiness probe asks for. The rule
+    (who is picked, who is probed first, how long to wait) is `picking`, without I/O; the sync
+    and asyncio streams run it with `pick_blocking` / `pick_awaited`, as the clients run the core's calls."""
 
     def __init__(self, config, make_client: Callable[[str], Any], model: str):
         self.config = config
@@ -101,28 +109,53 @@ class ReplicaSet:
         if url not in self.replicas:
             self.replicas[url] = Replica(url, self.make_client(url))
 
-    def pick(self) -> Replica | None:
-        """The next healthy replica in turn (a suspect one must pass its probe first), or None."""
-        if time.monotonic() - self._resolved_at > RESOLVE_EVERY_S:
-            self.refresh()
-        order = list(self.replicas.values())
-        for i in range(len(order)):
-            r = order[(self._turn + i) % len(order)]
-            if r.down_until > time.monotonic() or (r.suspect and not self._probe(r)):
-                continue
-            self._turn = (self._turn + i + 1) % len(order)
-            return r
-        return None
+    def picking(self) -> Generator[tuple[str, Any], Any, Replica | None]:
+        """The next healthy replica in turn: yields (PROBE, replica) for a suspect one and gets its
+        readiness back (it is picked only if ready), (SLEEP, seconds) while none can be picked (the
+        replicas' sit-outs are the backoff); returns the replica, or None once none has been ready
+        for reconnect_timeout_s (later picks still probe each in turn)."""
+        while True:
+            if time.monotonic() - self._resolved_at > RESOLVE_EVERY_S:
+                self.refresh()
+            order = list(self.replicas.values())
+            for i in range(len(order)):
+                r = order[(self._turn + i) % len(order)]
+                if r.down_until > time.monotonic():
+                    continue
+                if r.suspect:
+                    ready = yield PROBE, r
+                    if not self._probed(r, ready):
+                        continue
+                self._turn = (self._turn + i + 1) % len(order)
+                return r
+            pause = self._pause()
+            if pause is None:
+                return None
+            yield SLEEP, pause
 
-    def _probe(self, r: Replica) -> bool:
-        """Readiness of a suspect replica, on a new client: the old channel may sit in gRPC's
-        reconnect backoff for seconds after the server came back."""
-        r.client.close()
-        r.client = self.make_client(r.url)
-        try:
-            ready = bool(r.client.is_server_ready() and r.client.is_model_ready(self.model))
-        except CALL_ERRORS:
-            ready = False
+    def _pause(self) -> float | None:
+        """How long to wait for a replica to be worth probing again; None past the outage's deadline."""
+        now = time.monotonic()
+        self.outage_since = self.outage_since or now
+        deadline = self.outage_since + self.config.reconnect_timeout_s
+        if now >= deadline:
+            return None
+        if now - self._resolved_at > MIN_SIT_OUT_S:
+            self.refresh()
+        wake = min((r.down_until for r in self.replicas.values()), default=now + MIN_SIT_OUT_S)
+        return min(max(wake - now, 0.05), deadline - now)
+
+    def reopen(self, r: Replica) -> Any:
+        """A new client for a replica about to be probed (the old channel may sit in gRPC's reconnect
+        backoff for seconds after the server came back); returns the old one, for the driver to close."""
+        old, r.client = r.client, self.make_client(r.url)
+        return old
+
+    def probe_kwargs(self) -> dict:
+        """The readiness calls' arguments: an answer within PROBE_TIMEOUT_S (gRPC; an HTTP client has its own timeout)."""
+        return {"client_timeout": PROBE_TIMEOUT_S} if self.config.protocol == "grpc" else {}
+
+    def _probed(self, r: Replica, ready: bool) -> bool:
         if ready:
             r.suspect = False
         else:
@@ -141,27 +174,46 @@ class ReplicaSet:
         r.sit_out = 0.0
         self.outage_since = None
 
-    def wait_pick(self) -> Replica | None:
-        """A healthy replica, waiting (with the replicas' sit-outs as backoff) while none is; None
-        once no replica has been ready for reconnect_timeout_s (later calls still probe each in turn)."""
-        while True:
-            r = self.pick()
-            if r is not None:
-                return r
-            now = time.monotonic()
-            self.outage_since = self.outage_since or now
-            deadline = self.outage_since + self.config.reconnect_timeout_s
-            if now >= deadline:
-                return None
-            if now - self._resolved_at > MIN_SIT_OUT_S:
-                self.refresh()
-            wake = min((r.down_until for r in self.replicas.values()), default=now + MIN_SIT_OUT_S)
-            time.sleep(min(max(wake - now, 0.05), max(deadline - now, 0.0)))
-
     def spread(self) -> dict[str, int]:
         """Frames each replica answered in this stream."""
         return {url: r.answered for url, r in self.replicas.items()}
 
-    def close(self) -> None:
-        for r in self.replicas.values():
-            r.client.close()
+
+def pick_blocking(replicas: ReplicaSet) -> Replica | None:
+    """ReplicaSet.picking run with blocking calls (the sync client's stream)."""
+    steps, answer = replicas.picking(), None
+    try:
+        while True:
+            what, arg = steps.send(answer)
+            if what == SLEEP:
+                time.sleep(arg)
+                answer = None
+                continue
+            replicas.reopen(arg).close()
+            try:
+                answer = bool(arg.client.is_server_ready(**replicas.probe_kwargs())
+                              and arg.client.is_model_ready(replicas.model, **replicas.probe_kwargs()))
+            except CALL_ERRORS:
+                answer = False
+    except StopIteration as done:
+        return done.value
+
+
+async def pick_awaited(replicas: ReplicaSet) -> Replica | None:
+    """ReplicaSet.picking run with awaited calls (the asyncio client's stream; tritonclient.grpc.aio clients)."""
+    steps, answer = replicas.picking(), None
+    try:
+        while True:
+            what, arg = steps.send(answer)
+            if what == SLEEP:
+                await asyncio.sleep(arg)
+                answer = None
+                continue
+            await replicas.reopen(arg).close()
+            try:
+                answer = bool(await arg.client.is_server_ready(**replicas.probe_kwargs())
+                              and await arg.client.is_model_ready(replicas.model, **replicas.probe_kwargs()))
+            except CALL_ERRORS:
+                answer = False
+    except StopIteration as done:
+        return done.value
