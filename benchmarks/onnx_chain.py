@@ -16,6 +16,7 @@ import numpy as np
 
 from promptmad import contract
 from promptmad.benchmarks.perf_analyzer import BenchError
+from promptmad.export.repository import latest_version
 
 ENGINE_STEPS = tuple(s for s in contract.ENSEMBLE.steps if s.engine)  # in execution order
 # the prompt_bank step's outputs; each is a row of a per-class table (contract.PROMPT_BANK_TABLES)
@@ -41,9 +42,9 @@ class OnnxChain:
         opts.intra_op_num_threads = threads
         self.sessions = {s.name: ort.InferenceSession(str(repo / s.name / "1" / "model.onnx"), opts,
                                                       providers=["CPUExecutionProvider"]) for s in ENGINE_STEPS}
-        bank = repo / contract.PROMPT_BANK.name / "1"
-        # every output of prompt_bank (text embedding, prompt tokens, normal bank and its stats) is a
-        # row of its per-class table
+        # the version Triton serves: `promptmad classes` adds versions; every output of prompt_bank (text
+        # embedding, prompt tokens, normal bank and its stats) is a row of its per-class table
+        bank = latest_version(repo / contract.PROMPT_BANK.name)
         self.tables = {name: np.load(bank / f).astype(_PROMPT_BANK_OUTPUTS[name].numpy_dtype, copy=False)
                        for name, f in contract.PROMPT_BANK_TABLES.items()}
         # the encoder's input is (batch, S, S, 3): its side is the model's image size

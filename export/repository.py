@@ -14,8 +14,10 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -268,6 +270,21 @@ def _make_stage(out_dir: Path) -> Path:
         raise ExportError(f"{out_dir.parent}: cannot create the repository there ({exc.strerror or exc}); choose another --out") from exc
 
 
+@contextmanager
+def removed_on_error(stage: Path, error: type[Exception], what: str, fix: str) -> Iterator[None]:
+    """Around filling a stage folder and swapping it into place (export and `promptmad classes`): on any
+    failure `stage` is removed; an OSError (full disk, permissions) becomes `error`:
+    "<what> (<the system's reason>); <fix>"."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise error(f"{what} ({exc.strerror or exc}); {fix}") from exc
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def write_repository(out_dir: str | Path, spec: RepositorySpec, *, artifacts: dict[str, Path],
                      tables: dict[str, np.ndarray], manifest: dict) -> Path:
     """Writes a complete repository at `out_dir` (atomically replacing an existing one) and
@@ -276,17 +293,11 @@ def write_repository(out_dir: str | Path, spec: RepositorySpec, *, artifacts: di
     _check_inputs(spec, artifacts, tables)
     configs = build_configs(spec, manifest_sha256="")  # the ensembles get the digest once sealed
     stage = _make_stage(out_dir)
-    try:
+    with removed_on_error(stage, ExportError, f"{out_dir}: cannot write the repository",
+                          "free disk space, fix permissions or choose another --out; the previous repository (if any) is unchanged"):
         _fill_stage(stage, configs, spec, artifacts, tables)
         _seal(stage, spec, manifest)
         _swap_into_place(stage, out_dir)
-    except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise ExportError(f"{out_dir}: cannot write the repository ({exc.strerror or exc}); free disk space, fix permissions "
-                          "or choose another --out; the previous repository (if any) is unchanged") from exc
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log.info("wrote Triton repository %s (%s, max_batch %d)", out_dir, spec.runtime, spec.max_batch)
     return out_dir
 

@@ -35,7 +35,7 @@ from typing import Callable
 from promptmad import contract
 from promptmad.errors import ServeError
 from promptmad.export.manifest import DIGEST_FIELD, seal_manifest, verify_repository_checksums
-from promptmad.export.repository import to_pbtxt, validate_repository, versions
+from promptmad.export.repository import removed_on_error, to_pbtxt, validate_repository, versions
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +139,13 @@ def edit_repository(repo: str | Path, change: Callable[[Path, dict], dict]) -> d
         manifest = verify_repository_checksums(repo)
         _remove_stale_stages(repo)
         stage = Path(tempfile.mkdtemp(prefix=f"{_stage_prefix(repo)}{os.getpid()}-", dir=repo.parent))
-        try:
+        with removed_on_error(stage, ServeError, f"{repo}: cannot write the edited repository",
+                              "free disk space or fix permissions; the repository is unchanged"):
             shutil.copytree(repo, stage, copy_function=_link_or_copy, dirs_exist_ok=True)
             doc = _seal(stage, change(stage, manifest))
             validate_repository(stage)
             verify_repository_checksums(stage, shown_as=repo)
             _exchange(stage, repo)
-        except OSError as exc:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise ServeError(f"{repo}: cannot write the edited repository ({exc.strerror or exc}); free disk space or fix "
-                             "permissions; the repository is unchanged") from exc
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         shutil.rmtree(stage, ignore_errors=True)  # the previous repository, now at the copy's path
     return doc
 
