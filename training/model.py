@@ -97,7 +97,8 @@ class VisualEncoder(nn.Module):
         std = net.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
         self.body = timm.create_model(cfg.backbone, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
         # features_only keeps the same parameter names minus the head
-        self.body.load_state_dict({k: v for k, v in net.state_dict().items() if k in self.body.state_dict()})
+        keep = self.body.state_dict().keys()  # once: a state_dict() per key made every model load quadratic
+        self.body.load_state_dict({k: v for k, v in net.state_dict().items() if k in keep})
         del net
         self.channels = list(self.body.feature_info.channels())
         # Fold /255 and normalisation into one affine: x * scale + shift
