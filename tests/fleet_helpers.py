@@ -30,6 +30,17 @@ def success_count(http_url: str, model: str = contract.MODEL_NAME) -> int:
     return sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
 
 
+def counts_reaching(http_urls: list[str], model: str, expected: int, timeout: float = 30.0) -> list[int]:
+    """Each server's success_count of `model`, read once their sum reaches `expected` or at the timeout
+    (a server records a request's statistics after it answered, so the client may see the answer first)."""
+    deadline = time.monotonic() + timeout
+    counts = [success_count(u, model) for u in http_urls]
+    while sum(counts) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        counts = [success_count(u, model) for u in http_urls]
+    return counts
+
+
 def adapter_query(pods: list[str]) -> str:
     """deploy/'s prometheus-adapter metricsQuery, filled in as the adapter fills it for the HPA: grouped
     by pod, matching the namespace and the pods asked about."""

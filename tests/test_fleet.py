@@ -1,28 +1,33 @@
 """A fleet of real tritonservers (three replicas of the session's tiny repository, started as
 `promptmad serve --replicas 3` starts them): the client balances over them (gRPC's round-robin
 for single calls, the health-aware stream for streams), loses no frame when replicas are killed or
-stopped mid-stream and picks them up again when they are back; and a real Prometheus scraping two of
+stopped mid-stream and picks them up again when they are back (the asyncio client too), gives a
+frame every replica refuses its own error without re-sending it or benching a replica; and a real Prometheus scraping two of
 them evaluates deploy/'s queue-time rule (the HPA's metric), which rises under load."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import concurrent.futures
 import time
 
 import numpy as np
 import pytest
 
 from promptmad import contract
-from promptmad.client import AnomalyClient, ClientConfig
-from promptmad.client.errors import ClientConfigError
+from promptmad.client import AnomalyClient, AsyncAnomalyClient, ClientConfig
+from promptmad.client.errors import ClientConfigError, InvalidInput
+from promptmad.client.fleet_stream import AsyncFleetStream, FleetStream
 from promptmad.client.fleet import MAX_SIT_OUT_S, grpc_client_args
 from promptmad.export.fleet import make_replicas, replica_ports, start_all, stop_all
 from promptmad.export.server import free_port
-from tests.fleet_helpers import Prometheus, adapter_query, success_count
-from tests.helpers import frame
+from tests.fleet_helpers import Prometheus, adapter_query, counts_reaching, success_count
+from tests.helpers import frame, png_bytes
 
 CLASS = "brick"
 IMAGES = [frame(seed, 48, 64) for seed in range(5)]  # frame i of a stream is IMAGES[i % 5]
+# Frames that pass the client's checks and that every replica refuses (the encoded ensemble cannot decode them).
+POISON = [b"\x89PNG\r\n\x1a\n not an image", png_bytes(IMAGES[0])[:60]]
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -40,21 +45,31 @@ def reference(replicas) -> list[float]:
         return [client.score(img, CLASS).score for img in IMAGES]
 
 
-def frames(n: int, events: dict | None = None):
-    """IMAGES in turn; events[i]() runs before frame i is handed to the stream (a kill, a restart)."""
+def frames(n: int, events: dict | None = None, poison: dict | None = None):
+    """IMAGES in turn; events[i]() runs before frame i is handed to the stream (a kill, a restart);
+    poison[i] replaces frame i."""
     for i in range(n):
         if events and i in events:
             events[i]()
-        yield IMAGES[i % len(IMAGES)]
+        yield (poison or {}).get(i, IMAGES[i % len(IMAGES)])
 
 
-def check_stream(results, n: int, reference: list[float]) -> None:
-    """One result per frame, in order, none failed, each with its own frame's score."""
+def in_background(fn, *args) -> concurrent.futures.Future:
+    """fn(*args) on its own thread while the stream goes on; .result() waits and raises its error here."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
+def check_stream(results, n: int, reference: list[float], poisoned=()) -> None:
+    """One result per frame, in order, none failed but the `poisoned` ones, each with its own frame's score."""
     assert [r.frame_id for r in results] == list(range(n))
-    failed = [(r.frame_id, r.error) for r in results if not r.ok]
+    failed = [(r.frame_id, r.error) for r in results if not r.ok and r.frame_id not in poisoned]
     assert not failed, failed[:3]
-    scores = np.array([r.score for r in results])
-    assert np.allclose(scores, [reference[i % len(IMAGES)] for i in range(n)], rtol=1e-5, atol=1e-5)
+    good = [i for i in range(n) if i not in poisoned]
+    scores = np.array([results[i].score for i in good])
+    assert np.allclose(scores, [reference[i % len(IMAGES)] for i in good], rtol=1e-5, atol=1e-5)
 
 
 def test_endpoints_are_checked_and_named():
@@ -87,7 +102,7 @@ def test_stream_survives_a_kill_and_a_stop_then_takes_them_back(replicas, refere
     new requests, goes unready) at 120; both restart from frame 180, and the stream waits for them at
     240 so its last 120 frames can reach them."""
     dead, stopping = replicas[0], replicas[1]
-    before_failure, threads = {}, []
+    before_failure, background = {}, []
 
     def kill():
         before_failure["killed"] = success_count(dead.http_url)
@@ -95,16 +110,14 @@ def test_stream_survives_a_kill_and_a_stop_then_takes_them_back(replicas, refere
 
     def stop():
         before_failure["stopped"] = success_count(stopping.http_url)
-        threads.append(threading.Thread(target=stopping.stop))
-        threads[-1].start()
+        background.append(in_background(stopping.stop))
 
     def restart():
-        threads[-1].join()
-        threads.append(threading.Thread(target=lambda: start_all([dead, stopping])))
-        threads[-1].start()
+        background[-1].result()
+        background.append(in_background(start_all, [dead, stopping]))
 
-    def back():  # both ready, and past any sit-out: the next frames probe them and take them back
-        threads[-1].join()
+    def back():  # both ready (a failed start raises here), and past any sit-out: the next frames take them back
+        background[-1].result()
         time.sleep(MAX_SIT_OUT_S)
 
     n = 360
@@ -117,6 +130,69 @@ def test_stream_survives_a_kill_and_a_stop_then_takes_them_back(replicas, refere
     after_restart = [success_count(s.http_url) for s in (dead, stopping)]
     assert all(c > 0 for c in after_restart), (after_restart, spread)  # both back in the rotation within the stream
     assert success_count(replicas[2].http_url) >= n // 3, spread
+
+
+def poison_stream(run, replicas, reference, n: int = 60) -> None:
+    """`run(frames)` streams over all replicas and returns (results, the stream); frames every replica
+    refuses are mixed in, two of them in a row. The decoding step runs once per request that reaches a
+    replica (and answers each poison frame with its refusal): its count says how often each was sent."""
+    poison = {7: POISON[0], 20: POISON[1], 21: POISON[0], 45: POISON[1]}
+    urls, decode = [s.http_url for s in replicas], contract.PREPROCESS_ENCODED.name
+    before = [success_count(u, decode) for u in urls]
+    results, stream = run(frames(n, poison=poison))
+    check_stream(results, n, reference, poisoned=poison)
+    for i in poison:  # its own error, the server's reason, not a failover's
+        assert isinstance(results[i].error, InvalidInput) and "decod" in str(results[i].error), results[i].error
+    sent = [a - b for a, b in zip(counts_reaching(urls, decode, sum(before) + len(poison)), before)]
+    assert sum(sent) == len(poison), sent  # each sent once, to one replica
+    assert sum(stream.spread.values()) == n - len(poison) and all(stream.spread.values()), stream.spread
+    benched = {r.url: r.failed for r in stream.replicas.replicas.values() if r.failed}
+    assert not benched, benched  # no replica sat out for a frame's own fault
+
+
+def test_a_frame_every_replica_refuses_fails_alone(replicas, reference):
+    """Sync gRPC, sync HTTP and asyncio streams: the refused frame gets one error result, in its place."""
+    for protocol, url in (("grpc", "grpc_url"), ("http", "http_url")):
+        with AnomalyClient([getattr(s, url) for s in replicas], protocol=protocol) as client:
+            def run(items, client=client):
+                stream = FleetStream(client, CLASS, window=6)
+                return list(stream.run(items)), stream
+            poison_stream(run, replicas, reference)
+
+    async def run_async(items):
+        async with AsyncAnomalyClient([s.grpc_url for s in replicas]) as client:
+            stream = AsyncFleetStream(client, CLASS, window=6)
+            return [r async for r in stream.run(items)], stream
+
+    poison_stream(lambda items: asyncio.run(run_async(items)), replicas, reference)
+
+
+def test_async_stream_sits_out_a_stopped_replica_until_it_is_back(replicas, reference):
+    """asyncio, 150 frames: replica 1 stops (drains, refuses, goes) at frame 30 and restarts from 60;
+    the stream waits for it at 100, and its last frames reach it again after its probe passed."""
+    stopping, background = replicas[1], []
+
+    def stop():
+        background.append(in_background(stopping.stop))
+
+    def restart():
+        background[-1].result()
+        background.append(in_background(start_all, [stopping]))
+
+    def back():
+        background[-1].result()
+        time.sleep(MAX_SIT_OUT_S)
+
+    async def run(n):
+        async with AsyncAnomalyClient([s.grpc_url for s in replicas], reconnect_timeout_s=120) as client:
+            results = [r async for r in client.stream(frames(n, {30: stop, 60: restart, 100: back}), CLASS, max_in_flight=8)]
+            return results, dict(client.last_spread)
+
+    n = 150
+    results, spread = asyncio.run(run(n))
+    check_stream(results, n, reference)
+    assert sum(spread.values()) == n and all(spread.values()), spread
+    assert success_count(stopping.http_url) > 0, spread  # answered since its restart: taken back within the stream
 
 
 def test_http_stream_survives_a_killed_replica(replicas, reference):
