@@ -323,15 +323,18 @@ def validate_repository(path: str | Path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise ServeError(f"{path}: model repository not found; create it with `promptmad export --ckpt RUN --out {path}`")
-    strays = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name not in ALL_MODELS)
+    # the fused layout (export/fused.py) has one engine step in place of ENGINE_STEPS
+    fused = (path / contract.FUSED_ENGINE.name).is_dir()
+    models, engines = (contract.FUSED_MODELS, (contract.FUSED_ENGINE.name,)) if fused else (ALL_MODELS, ENGINE_STEPS)
+    strays = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name not in models)
     if strays:
         raise ServeError(f"{path / strays[0]}: not a model of the promptmad repository; Triton would try to load it. "
                          "Remove it (a __pycache__ folder is safe to delete)")
-    for model in ALL_MODELS:
+    for model in models:
         cfg = path / model / "config.pbtxt"
         if not cfg.is_file():
             raise ServeError(f"{path}: model {model!r} has no config.pbtxt; the repository is incomplete, re-run `promptmad export`")
-    for step in ENGINE_STEPS:
+    for step in engines:
         version = path / step / "1"
         if not any((version / f).is_file() for f in (contract.ONNX_FILE, contract.PLAN_FILE)):
             raise ServeError(f"{version}: no {contract.ONNX_FILE} or {contract.PLAN_FILE}; re-run `promptmad export`")

@@ -151,6 +151,18 @@ ENGINE_STEPS = tuple(s.name for s in STEPS.values() if s.engine)  # visual_encod
 PYTHON_STEPS = tuple(s.name for s in STEPS.values() if not s.engine)
 ALL_MODELS = (*STEPS, *(e.name for e in ENSEMBLES))  # every folder of a model repository
 
+# The fused layout (export/fused.py, python-ort only): the three engine graphs merged into one graph
+# served as one step, so a frame makes 4 hops instead of 6; same ensemble names, inputs, outputs and
+# class bank, so clients cannot tell. Its repository holds FUSED_MODELS (no separate engine steps).
+FUSED_ENGINE = Step("fused_engine", (FRAME, PROMPT_TOKENS, TEXT_EMBEDDING, NORMAL_BANK, NORMAL_STATS),
+                    (ANOMALY_MAP_MODEL, ANOMALY_SCORE), engine=True)
+FUSED_FROM = (VISUAL_ENCODER, RECONSTRUCTOR, SEGMENTOR)  # the steps it replaces, in execution order
+FUSED_ENSEMBLES = (Ensemble(MODEL_NAME, ENSEMBLE.inputs, ENSEMBLE.outputs, (PREPROCESS, PROMPT_BANK, FUSED_ENGINE, POSTPROCESS)),
+                   Ensemble(ENCODED_MODEL_NAME, ENCODED_ENSEMBLE.inputs, ENCODED_ENSEMBLE.outputs,
+                            (PREPROCESS_ENCODED, PROMPT_BANK, FUSED_ENGINE, POSTPROCESS)))
+FUSED_MODELS = (*(m for m in ALL_MODELS if m not in ENGINE_STEPS), FUSED_ENGINE.name)
+LAYOUTS = ("steps", "fused")  # "steps": ENSEMBLES over ALL_MODELS (the export's); "fused": FUSED_ENSEMBLES
+
 # Files inside a model's version folder `<model>/1/`.
 ONNX_FILE = "model.onnx"  # engine steps, runtimes python-ort and onnxruntime
 PLAN_FILE = "model.plan"  # engine steps, runtime tensorrt
