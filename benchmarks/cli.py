@@ -32,6 +32,8 @@ what is written to --out:
   comparison.csv   one row per frame size and system (PyTorch, ONNX Runtime, Triton)
   perf_*.csv/.log  raw perf_analyzer output; input_*.json the frames it sent
   throughput_latency_<size>.png, step_latency_<size>.png, step_breakdown_<size>.png
+  roofline.png     per step and end to end: GFLOP/s achieved against the dense-math ceiling measured in the
+                   same run (the "Roofline" section of results.md; --no-roofline skips it)
 
 Run it on an otherwise idle machine: anything else using the CPU lowers every figure.
 perf_analyzer comes from the tritonclient==2.51.0 wheel and needs `apt-get install libb64-0d`
@@ -102,6 +104,12 @@ def register(subparsers) -> None:
                    help="measure PyTorch eager and ONNX Runtime in-process (default: on)")
     m.add_argument("--per-model", action=argparse.BooleanOptionalAction, default=True,
                    help="also sweep each composing model alone at concurrency 1..4 (default: on)")
+    m.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the model's FLOPs per frame from the repository's ONNX graphs, measure this machine's "
+                        "dense-math ceiling (GEMM and conv through ONNX Runtime, the served steps' thread count) after "
+                        "the sweeps, and report GFLOP/s achieved and its share per step and end to end (default: on)")
+    m.add_argument("--roofline-seconds", type=float, default=2.0,
+                   help="seconds each ceiling kernel runs per level (default: 2)")
     p.set_defaults(func=_bench)
     from promptmad.benchmarks import generalisation_cli, onboarding_cli  # argparse only: `promptmad --help` stays instant
 
@@ -191,10 +199,18 @@ def _bench(args) -> int:
                             shared_memory=args.shared_memory, compare=args.compare, n_frames=args.frames, url=args.url,
                             server_pid=args.server_pid, per_model=args.per_model, request_count=args.request_count,
                             baseline_seconds=args.baseline_seconds, torch_device=args.torch_device)
+    if args.roofline:  # after the sweeps, on the then idle server: the ceiling is measured in this run
+        from promptmad.benchmarks.roofline import add_roofline
+
+        add_roofline(summary, repo, args.out, seconds=args.roofline_seconds)
     print(format_markdown(summary))
     for size, r in summary["results"].items():
         ratios = {k: v for k, v in r.get("ratios", {}).items() if not math.isnan(v)}
         if ratios:
             print(f"{size}x{size} FPS ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    target = summary.get("roofline", {}).get("target")
+    if target and target["verdict"] != "not measured":
+        print(f"roofline: end-to-end share of the measured ceiling {target['share']:.0%} (target >= "
+              f"{target['target_share']:.0%}: {target['verdict']})")
     print(f"written: {args.out}/results.md, results.json, comparison.csv, perf_*.csv, *.png")
     return 0

@@ -1,5 +1,6 @@
-"""The machine a benchmark ran on, for the results table: CPU, cores, memory, GPU and the versions
-of the software measured. A part that cannot be read says why instead of disappearing."""
+"""The machine a benchmark ran on, for the results table: CPU, the instruction sets that decide its
+dense-math speed, cores, memory, GPU and the versions of the software measured. A part that cannot be
+read says why instead of disappearing."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from promptmad.benchmarks.perf_analyzer import BenchError, check_perf_analyzer
 
 
 def machine_description() -> dict[str, str]:
-    """CPU model, cores, RAM, GPU (if any), Python/OS and the torch, onnxruntime and perf_analyzer
-    versions; a missing one reads ``unavailable (reason)``."""
-    return {"cpu": _cpu(), "cores": _cores(), "memory": _memory(), "gpu": _gpu(),
+    """CPU model, its instruction sets (``isa``), cores, RAM, GPU (if any), Python/OS and the torch,
+    onnxruntime and perf_analyzer versions; a missing one reads ``unavailable (reason)``."""
+    return {"cpu": _cpu(), "isa": instruction_sets(), "cores": _cores(), "memory": _memory(), "gpu": _gpu(),
             "python": platform.python_version(), "os": platform.platform(),
             "torch": _version("torch"), "onnxruntime": _version("onnxruntime"), "perf_analyzer": _perf_analyzer()}
 
@@ -31,6 +32,29 @@ def _cpu() -> str:
     except OSError:
         pass  # not Linux: the platform's name below is the best there is
     return platform.processor() or platform.machine()
+
+
+# The CPU flags that decide what ONNX Runtime's MLAS kernels can use (FP32: AVX2/FMA, AVX-512; INT8:
+# AVX-VNNI / AVX512-VNNI, AMX), as /proc/cpuinfo spells them, in the order they are reported.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def instruction_sets(cpuinfo: str | None = None) -> str:
+    """The :data:`ISA_FLAGS` this CPU has, e.g. ``avx2 fma avx512f avx512_vnni``; ``none of ...`` when
+    it has none of them (an old or emulated CPU), ``unavailable (...)`` when it cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError as exc:  # not Linux
+            return unavailable(f"/proc/cpuinfo: {exc!r}")
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features"))), None)
+    if line is None:
+        return unavailable("no flags line in /proc/cpuinfo")
+    have = set(line.split(":", 1)[1].split())
+    found = [f for f in ISA_FLAGS if f in have]
+    return " ".join(found) if found else f"none of {' '.join(ISA_FLAGS[:3])}"
 
 
 def _cores() -> str:

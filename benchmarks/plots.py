@@ -3,7 +3,9 @@
 - :func:`plot_sweeps`: throughput per concurrency, and p50/p95/p99 latency against throughput;
 - :func:`plot_step_latency`: per concurrency, a stacked bar of where an ensemble request's time
   goes (each composing model's compute, and the queueing of all steps), next to the client latency;
-- :func:`plot_breakdown`: per composing model, compute per frame and queue per request over a sweep.
+- :func:`plot_breakdown`: per composing model, compute per frame and queue per request over a sweep;
+- :func:`plot_roofline`: per frame size, each engine step and end to end: GFLOP/s achieved next to
+  the dense-math ceiling measured in the same run, with the share.
 """
 
 from __future__ import annotations
@@ -148,5 +150,41 @@ def plot_breakdown(breakdown: dict, path: Path, title: str = "") -> Path:
     ax.set_xlim(0, max([c + q for c, q in zip(compute, queue)] or [1]) * 1.45)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roofline(roofline: dict, path: Path, machine: dict | None = None) -> Path:
+    """One panel per frame size: per row of the roofline (each engine step, end to end best and c=1) a
+    bar of the GFLOP/s achieved (step colour; end to end dark grey) in front of a pale bar of its
+    ceiling, labelled with the share; a dashed line at the target share of the end-to-end ceiling."""
+    plt = _plt()
+    sizes = list(roofline["sizes"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7.5 * len(sizes), 5.4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rows = roofline["sizes"][size]
+        x = list(range(len(rows)))
+        ceil = [r["ceiling_gflops_per_s"] for r in rows]
+        got = [r["gflops_per_s"] if r["gflops_per_s"] == r["gflops_per_s"] else 0.0 for r in rows]  # NaN: unmeasured
+        colors = [STEP_COLORS.get(r["what"], "#525252") for r in rows]
+        ax.bar(x, ceil, width=0.7, color="#f0f0f0", edgecolor="#969696", label="ceiling (max of GEMM / conv kernels)")
+        ax.bar(x, got, width=0.45, color=colors, label="achieved (FLOPs/frame x frames/s)")
+        for i, r in enumerate(rows):
+            share = r["share"]
+            text = "n/a" if share != share else f"{share:.0%}"
+            ax.annotate(text, (i, max(got[i], 0)), ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        best = next((i for i, r in enumerate(rows) if r.get("end_to_end") == "best"), None)
+        if best is not None and roofline.get("target"):
+            ax.hlines(ceil[best] * roofline["target"]["target_share"], best - 0.4, best + 0.4, color="k", ls="--", lw=1,
+                      label=f"target: {roofline['target']['target_share']:.0%} of the end-to-end ceiling")
+        ax.set_ylim(0, max([*ceil, *got, 1.0]) * 1.2)
+        ax.set_xticks(x, [r["what"].replace("end to end, ", "e2e\n") for r in rows], fontsize=8)
+        ax.set_ylabel("GFLOP/s")
+        ax.set_title(f"{size}x{size} frames ({roofline['total_gflop_per_frame']:.2f} GFLOP/frame)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    m = machine or {}
+    fig.suptitle(f"roofline: {m.get('cpu', '')}, {roofline['cores']} cores, {roofline['ceiling']['threads']} ONNX Runtime "
+                 f"thread(s) per session\n{m.get('isa', '')}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -74,7 +74,8 @@ def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_breakdown_lines(summary), *_composing_lines(summary)]
+    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_breakdown_lines(summary), *_composing_lines(summary),
+             *_roofline_lines(summary)]
     if not math.isnan(summary.get("server_peak_rss_mib", NAN) or NAN):
         lines += ["", f"Server peak resident memory (tritonserver + Python-backend stubs, sum of VmHWM): "
                       f"{summary['server_peak_rss_mib']:.0f} MiB"]
@@ -86,7 +87,8 @@ def format_markdown(summary: dict) -> str:
 def _machine_lines(summary: dict) -> list[str]:
     m = summary["machine"]
     soft = ", ".join(f"{k} {m[k]}" for k in ("torch", "onnxruntime", "perf_analyzer") if k in m)
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, GPU: {m['gpu']} "
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    lines = [f"Machine: {m['cpu']}{isa}, {m['cores']} cores, {m['memory']}, GPU: {m['gpu']} "
              f"(Python {m['python']}{', ' + soft if soft else ''})"]
     if summary.get("torch_device", "cpu") != "cpu":
         lines.append(f"PyTorch eager on {summary['torch_device']}; ONNX Runtime in-process on CPU.")
@@ -131,4 +133,48 @@ def _composing_lines(summary: dict) -> list[str]:
             lines.append(f"{size}x{size} ({r['composing_input_source']} inputs): " + ", ".join(
                 f"{k} {v['Inferences/Second']:.0f}/s [{_f(c1.get(k, {}).get('Inferences/Second'), '.0f')}/s] "
                 f"(p99 {v['p99 latency'] / 1000:.0f} ms)" for k, v in r["composing_best"].items()))
+    return lines
+
+
+def _roofline_lines(summary: dict) -> list[str]:
+    """The "Roofline" section: the ceiling kernels, then per frame size each step and end to end
+    (FLOPs/frame, GFLOP/s achieved, ceiling, share), then the target's verdict."""
+    rl = summary.get("roofline")
+    if not rl:
+        return []
+    m, c = summary.get("machine", {}), rl["ceiling"]
+    lines = ["", "## Roofline", "",
+             f"Machine: {m.get('cpu', '?')}, instruction sets: {m.get('isa', 'unknown')}, {rl['cores']} cores "
+             f"(onnxruntime {m.get('onnxruntime', '?')}).",
+             f"FLOPs: {rl['convention']}; {rl['total_gflop_per_frame']:.3f} GFLOP per frame at {rl['image_size']}x{rl['image_size']}.",
+             f"Ceiling: the fastest of these kernels through ONNX Runtime's CPU EP, measured in this run with the served steps' "
+             f"{c['threads']} intra-op thread(s) per session: `step` = one session, `machine` = {c['copies']} sessions at once "
+             f"(the cores); about {c['seconds_per_kernel']:g} s each.", "",
+             "| kernel | precision | shape | threads x sessions | GFLOP/s |", "|---|---|---|---|---:|"]
+    for k in c["kernels"]:
+        if k["level"] == "machine" and k["copies"] == 1:
+            continue  # one session fills the cores: the step row is the machine figure
+        lines.append(f"| {k['kernel']} | {k['precision']} | {k['shape']} | {k['threads']} x {k['copies']} | {k['gflops_per_s']:.1f} |")
+    lines.append("")
+    lines.append("Ceiling (max over kernels): " + "; ".join(
+        f"{p} step {_f(v['step'])} GFLOP/s, machine {_f(v['machine'])} GFLOP/s" for p, v in c["ceiling_gflops_per_s"].items()))
+    lines += ["", "Steps: FLOPs over the server's compute time per frame during the ensemble sweep (Triton statistics), against "
+                  "the one-session ceiling; 'alone c=1': the step alone at concurrency 1 (perf_analyzer). End to end: all steps' "
+                  "FLOPs x the ensemble's FPS, best concurrency against the machine ceiling, c=1 against the one-session ceiling.", "",
+              "| frames | step | precision | GFLOP/frame | elementwise Mop/frame | frames/s | GFLOP/s achieved | ceiling GFLOP/s | share "
+              "| alone c=1 GFLOP/s (share) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, rows in rl["sizes"].items():
+        for r in rows:
+            alone = (f"{_f(r['alone_c1_gflops_per_s'])} ({_f(r['alone_c1_share'] * 100, '.0f', '%')})"
+                     if "alone_c1_gflops_per_s" in r and not math.isnan(r["alone_c1_gflops_per_s"]) else "")
+            lines.append(f"| {size}x{size} | {r['what']} | {r['precision']} | {r['gflop_per_frame']:.3f} | "
+                         f"{_f(r.get('elementwise_mop_per_frame'), '.1f')} | {_f(r['fps'])} | {_f(r['gflops_per_s'])} | "
+                         f"{_f(r['ceiling_gflops_per_s'])} | {_f(r['share'] * 100, '.0f', '%')} | {alone} |")
+    t = rl.get("target", {})
+    if t:
+        scope = "" if t.get("applies", True) else " (the target is for the FP32 default; this repository is INT8)"
+        lines += ["", f"Target: end-to-end share >= {t['target_share']:.0%} of the measured ceiling at {rl['image_size']}x"
+                      f"{rl['image_size']} (best concurrency): {_f(t['share'] * 100, '.0f', '%')}, {t['verdict']}"
+                      + ("" if t["verdict"] == "not measured" else f" by {abs(t['margin_points']):.0f} points") + scope + "."]
     return lines
