@@ -30,6 +30,22 @@ PEERS = {k: f"peer-k{k}" for k in SHOTS}
 SYSTEMS = (TRAINED, *(f"onboarded-k{k}" for k in SHOTS), *PEERS.values(), "peer-full")
 TARGET_K = 4  # the issue's targets are stated for K = 4
 TARGET_GAP = 0.03  # I-AUROC within 3 points of the trained class
+# `classes add --augment` per held-out class under --augment by-kind: what a user who knows the product would
+# pass (flips for a texture, whose mirror image is as normal as itself; none for an object, whose may not be).
+# The kind comes from the dataset's dataset.json ("kind" per class, written by `promptmad data synth`), else
+# from MVTec AD's texture categories; anything else counts as an object.
+BY_KIND = "by-kind"
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+
+def augment_of(data, cls: str, augment: str) -> str:
+    """The `classes add --augment` value the benchmark uses for class `cls` (see BY_KIND)."""
+    if augment != BY_KIND:
+        return augment
+    meta = Path(data) / "dataset.json"
+    kind = json.loads(meta.read_text()).get("classes", {}).get(cls, {}).get("kind") if meta.is_file() else None
+    texture = kind == "texture" if kind else cls in MVTEC_TEXTURES
+    return "flips" if texture else "none"
 
 
 def onboarded(k: int) -> str:
@@ -62,7 +78,8 @@ def load_holdout(run: Path, cls: str) -> tuple:
 
 
 @torch.no_grad()
-def onboarded_maps(holdout: tuple, cls: str, shots: np.ndarray, frames: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+def onboarded_maps(holdout: tuple, cls: str, shots: np.ndarray, frames: np.ndarray,
+                   augment: str = "none") -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """((maps, scores) of `frames` as the served map of class `cls` onboarded from the normal images
     `shots` [K, S, S, 3] into the model of `holdout` (load_holdout's pair), its calibration). class_rows
     modifies the model it is given: it gets a copy, cheaper than loading the run again for every K."""
@@ -72,13 +89,13 @@ def onboarded_maps(holdout: tuple, cls: str, shots: np.ndarray, frames: np.ndarr
     from promptmad.training.onboard import class_rows, use_class
 
     model, info = copy.deepcopy(holdout[0]), holdout[1]
-    rows = class_rows(model, info, cls, shots)
+    rows = class_rows(model, info, cls, shots, augment=augment)
     use_class(model, rows, shots[:1])
     maps, scores = _promptmad(model, 0, frames)[next(iter(TERMS))]
-    return (maps, scores), {"calibration": rows.calibration, "threshold": rows.threshold}
+    return (maps, scores), {"calibration": rows.calibration, "threshold": rows.threshold, "augment": augment}
 
 
-def score_class(cls: str, data, split: Path, trained: Path, holdout: Path, seed: int, cache: dict) -> dict:
+def score_class(cls: str, data, split: Path, trained: Path, holdout: Path, seed: int, cache: dict, augment: str = "none") -> dict:
     """{system: {kind: metrics}} of one held-out class, plus its calibrations and timings."""
     from promptmad.benchmarks.generalisation import TERMS, _load, _normal_frames, _promptmad, _score_peers, kshot_indices, per_kind
     from promptmad.training.checkpoint import load_model
@@ -93,7 +110,7 @@ def score_class(cls: str, data, split: Path, trained: Path, holdout: Path, seed:
     normal = _normal_frames(data, cls, info.arch.image_size).numpy()
     calibrations, held = {}, load_holdout(holdout, cls)
     for k in SHOTS:
-        maps, calibrations[k] = onboarded_maps(held, cls, normal[kshot_indices(len(normal), k, seed, cls)], test["frames"])
+        maps, calibrations[k] = onboarded_maps(held, cls, normal[kshot_indices(len(normal), k, seed, cls)], test["frames"], augment)
         rows[onboarded(k)] = per_kind(test, *maps)
     t1 = time.perf_counter()
     peers = _score_peers(model.encoder, cls, data, test, seed, cache)  # the encoder is frozen: the holdout run's is the same
@@ -122,7 +139,7 @@ def targets(table: dict) -> list[dict]:
 
 def run_onboarding(data, out, *, trained: str | Path | None = None, holdout: Sequence[str] | None = None,
                    holdout_runs: Mapping[str, str | Path] | None = None, steps: int | None = None,
-                   arch: str = "default", seed: int = 0) -> dict:
+                   arch: str = "default", seed: int = 0, augment: str = BY_KIND) -> dict:
     """Trains what is not given (the all-classes run, each holdout run), scores every held-out class,
     writes OUT/results.json and OUT/results.md; returns the summary."""
     from promptmad.benchmarks.generalisation import build_unseen_split, machine
@@ -142,7 +159,8 @@ def run_onboarding(data, out, *, trained: str | Path | None = None, holdout: Seq
     t_train = time.perf_counter() - t0
     split = build_unseen_split(data, out / "unseen_data", classes=wanted)
     cache: dict = {}
-    per_class = {c: score_class(c, data, split, Path(trained), runs[c], int(info.training.get("seed", seed)), cache) for c in wanted}
+    per_class = {c: score_class(c, data, split, Path(trained), runs[c], int(info.training.get("seed", seed)), cache,
+                                augment_of(data, c, augment)) for c in wanted}
     table = kind_table(per_class)
     summary = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
                "data": str(data), "trained": str(trained), "holdout_runs": {c: str(r) for c, r in runs.items()},
@@ -169,7 +187,8 @@ def format_markdown(summary: dict) -> str:
              f"trained = {summary['trained']}. Wall time {summary['seconds']['total']:.0f} s "
              f"(training {summary['seconds']['training']:.0f} s).",
              "onboarded-kK: `classes add`'s rows from K normal training images, no held-out images (calibration: "
-             + "; ".join(f"{c}: " + ", ".join(f"K={k} {v['calibration']}" for k, v in r["calibration"].items())
+             + "; ".join(f"{c} (--augment {next(iter(r['calibration'].values())).get('augment', 'none')}): "
+                         + ", ".join(f"K={k} {v['calibration']}" for k, v in r["calibration"].items())
                          for c, r in summary["per_class"].items()) + "); peer-kK: the kNN peer on the same K images."]
     for metric in REPORTED:
         lines += ["", f"## {metric}", "", "| kind | tag | " + " | ".join(SYSTEMS) + " |", "|---|---|" + "---:|" * len(SYSTEMS)]

@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="optimisation steps of the runs trained here (default: --trained's)")
     p.add_argument("--arch", default="default", help="architecture of the all-classes run trained here (default: default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the runs trained here (default: 0)")
+    p.add_argument("--augment", default="by-kind", choices=["by-kind", "none", "flips"],
+                   help="`classes add --augment` of the onboarded classes; by-kind: flips for a texture (dataset.json's "
+                        "kind, else MVTec AD's texture categories), none for an object (default: by-kind)")
     p.set_defaults(func=_onboard_bench)
 
 
@@ -64,7 +67,8 @@ def _onboard_bench(args) -> int:
     from promptmad.benchmarks.onboarding import format_markdown, run_onboarding
 
     summary = run_onboarding(args.data, args.out, trained=args.trained, holdout=args.holdout, holdout_runs=dict(args.holdout_run),
-                             steps=args.steps, arch=args.arch, seed=args.seed)
+                             steps=args.steps, arch=args.arch, seed=args.seed,
+                             augment=args.augment)
     print(format_markdown(summary))
     print(f"written: {args.out}/results.md, results.json")
     return 0

@@ -22,6 +22,7 @@ from promptmad.export.manifest import DIGEST_FIELD, verify_repository_checksums
 from promptmad.export.pycache_block import block_folder
 from promptmad.export.repository import latest_version, templates_dir
 from promptmad.export.repository_edit import edit_repository, prune_versions
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT
 
 MAX_SHOTS = 64  # images per class: the leave-one-out calibration builds one bank per image
 MAX_WORDS = 200  # characters of --prompt (CLIP's tokenizer keeps 77 tokens anyway)
@@ -60,9 +61,13 @@ class AddClass:
     defects: tuple[str, ...] = ()  # defect words for the anomalous prompts ("scratch" -> "... with a scratch")
     admin_key_file: str | None = None
     grpc_port: int = DEFAULT_GRPC_PORT  # the server's gRPC port: the loads go there (live_reload.py)
+    augment: str = DEFAULT_AUGMENT  # which views of each image feed the bank (training.onboard.AUGMENTS)
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        if self.augment not in AUGMENTS:
+            raise ConfigError("augment", f"{self.augment!r}: choose one of {', '.join(AUGMENTS)} ('none' for a product "
+                              "whose mirror image is itself a defect)")
         _check_folder(self.repo, "repo")
         _check_folder(self.images, "images")
         _check_folder(self.held_out, "held_out")
@@ -168,7 +173,7 @@ def _onboard(cfg: AddClass, repo: Path, manifest: dict):
     words = cfg.prompt or cfg.name
     rows = class_rows(model, info, cfg.name, frames, held, words=words, defects=tuple(cfg.defects),
                       clip_weights=_clip_weights(cfg, info), reference=_reference(info, repo, words),
-                      verified_tower=manifest.get(TEXT_TOWER_FIELD, ""))
+                      verified_tower=manifest.get(TEXT_TOWER_FIELD, ""), augment=cfg.augment)
     return rows, files
 
 
@@ -206,7 +211,7 @@ def _add_change(cfg: AddClass, rows, files: list[Path]):
         table.write(stage)
         prune_versions(new.parent)
         edit = {"op": "add", "name": cfg.name, "id": table.live[cfg.name], "threshold": rows.threshold,
-                "calibration": rows.calibration, "calibration_scores": list(rows.scores), "prompt": cfg.prompt or cfg.name,
+                "calibration": rows.calibration, "augment": cfg.augment, "calibration_scores": list(rows.scores), "prompt": cfg.prompt or cfg.name,
                 "defects": list(cfg.defects), "images": {p.name: sha256_file(p) for p in files}}
         doc = _edited_manifest(manifest, table, new, edit)
         doc[TEXT_TOWER_FIELD] = rows.text_tower_sha256  # checked against the run's rows: the next add may skip the check

@@ -6,6 +6,7 @@ import argparse
 
 from promptmad import contract
 from promptmad.export.live_reload import DEFAULT_GRPC_PORT
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT
 
 DESCRIPTION = (
     "Add a product class to an exported repository without retraining, or retire one. `add` computes the class's "
@@ -65,6 +66,10 @@ def _register_add(sub) -> None:
                    "resized as training and serving resize frames")
     a.add_argument("--shots", type=int, metavar="K", help=SHOTS_HELP)
     a.add_argument("--held-out", metavar="DIR", help=HELD_OUT_HELP)
+    a.add_argument("--augment", choices=list(AUGMENTS), default=DEFAULT_AUGMENT,
+                   help="views of each image whose patches feed the class's normal bank: 'flips' (the image and its 3 "
+                        "mirror images: a fuller bank from few images) or 'none' (for a product whose mirror image is "
+                        f"itself a defect, e.g. a part mounted the wrong way round) (default: {DEFAULT_AUGMENT})")
     a.add_argument("--run", help="the trained run the repository was exported from (default: the manifest's `checkpoint`)")
     a.add_argument("--clip-weights", help="the CLIP weights the run was trained with, if they moved (default: the run's)")
     a.add_argument("--prompt", metavar="WORDS", help="words describing the product for its text prompts, used in place "
@@ -105,6 +110,7 @@ def _add(args) -> int:
     from promptmad.export.classes import AddClass, add_class
 
     cfg = AddClass(repo=args.repo, name=args.name, images=args.images, shots=args.shots, held_out=args.held_out, run=args.run,
+                   augment=args.augment,
                    server=args.server, clip_weights=args.clip_weights, prompt=args.prompt, defects=tuple(args.defect),
                    admin_key_file=args.admin_key_file, grpc_port=args.grpc_port)
     done = add_class(cfg)

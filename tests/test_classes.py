@@ -259,6 +259,38 @@ def test_onboarding_a_trained_class_from_its_own_images_reproduces_its_trained_r
     assert rows.threshold == pytest.approx(info.thresholds["coffee"], rel=1e-6)
 
 
+def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_view_of_an_image(tiny_run, tiny_dataset, monkeypatch):
+    """--augment flips: the bank is built from the K images and their 3 mirror images; leave-one-out scores
+    image i against a bank without any view of it (its mirror image would be a near-duplicate of it and
+    shrink the units); 'none' is the images alone."""
+    import torch
+
+    import promptmad.training.onboard as onboard
+    from promptmad.training.checkpoint import load_model
+    from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
+
+    frames = np.stack([resize_rgb(read_rgb(s.image), 64) for s in load_samples(tiny_dataset, split="train")[:3]])
+    x = torch.from_numpy(frames)
+    v = onboard.views(x, "flips")
+    assert v.shape[0] == 12 and v[4].equal(x[1].flip(1)) and v[7].equal(x[1].flip(0)) and v[10].equal(x[1].flip(0).flip(1))
+    assert onboard.views(x, "none").equal(x)
+    banks = []
+    real_bank = onboard._bank
+    monkeypatch.setattr(onboard, "_bank", lambda model, emb: banks.append(emb.shape[0]) or real_bank(model, emb))
+    for augment, views in (("flips", 4), ("none", 1)):
+        banks.clear()
+        model, info = load_model(tiny_run)
+        onboard.class_rows(model, info, "widget", frames, augment=augment)
+        patches = banks[0] // (3 * views)
+        assert banks == [3 * views * patches] + [2 * views * patches] * 3, augment  # served bank, then 3 folds
+
+
+def test_an_unknown_augment_is_refused_naming_the_field(repo, product):
+    with pytest.raises(ConfigError, match="rot45.*none, flips") as err:
+        AddClass(repo=str(repo), name="widget", images=str(product["images"]), augment="rot45")
+    assert err.value.field == "augment"
+
+
 def test_a_text_tower_other_than_the_runs_is_refused_and_a_verified_one_not_rechecked(tiny_run, tiny_repository):
     """The text row must come from the run's CLIP tower: another seed (or other weights) does not reproduce
     a trained class's row and is refused; a tower whose fingerprint was verified before is not re-checked."""

@@ -101,6 +101,20 @@ def test_k_shots_are_calibrated_as_classes_add_does_without_held_out_images(benc
     assert {k: c["calibration"] for k, c in calibration.items()} == {1: "self", 2: "leave-one-out", 4: "leave-one-out"}
 
 
+def test_by_kind_flips_textures_only(bench, tiny_dataset, tmp_path):
+    """--augment by-kind: flips for a class dataset.json calls a texture, none for an object; without
+    dataset.json MVTec AD's texture categories; an explicit value for every class."""
+    from promptmad.benchmarks.onboarding import augment_of
+
+    kinds = json.loads((tiny_dataset / "dataset.json").read_text())["classes"]
+    for cls, meta in kinds.items():
+        assert augment_of(tiny_dataset, cls, "by-kind") == ("flips" if meta["kind"] == "texture" else "none")
+    assert augment_of(tmp_path, "carpet", "by-kind") == "flips" and augment_of(tmp_path, "bottle", "by-kind") == "none"
+    assert augment_of(tiny_dataset, "coffee", "flips") == "flips"
+    calibration = bench[1]["per_class"][HELD]["calibration"]
+    assert {c["augment"] for c in calibration.values()} == {augment_of(tiny_dataset, HELD, "by-kind")}
+
+
 def test_the_targets_are_the_issues_and_follow_the_table(bench):
     summary = bench[1]
     row = lambda s, m: summary["table"][s]["mean all"][m]  # noqa: E731

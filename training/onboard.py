@@ -8,10 +8,11 @@ tell an onboarded class from a trained one by how its prompts were made:
   the product words in place of the name (`words`) and optional defect words (PromptSet.defects);
 - prompt-token row [N, H]: the reconstructor's encoding of the FIRST image's encoder features (training
   prompts each class with one normal image; further images only feed the bank);
-- normal bank [K, P]: the greedy coreset of the patch features of all the images (model.set_normal_bank);
+- normal bank [K, P]: the greedy coreset of the patch features of all the images and, with augment="flips"
+  (classes add --augment flips), of their mirror images (model.set_normal_bank's recipe);
 - units [2] (mean, std of the distance map) and threshold from normal images the bank was not built
   from, as training calibrates: `held_out` images when given; else leave-one-out (image i against the
-  bank of the others: K - 1 images, a bank thinner than the served one, and only K scores: a loose
+  bank of the others and their views: K - 1 images, a bank thinner than the served one, and only K scores: a loose
   threshold); with one image and nothing held out, the image itself (its distances are 0, so the units
   are tiny and nearly every frame of the class will be flagged: a loud warning says so).
 Threshold = max(mean + 3 std, max) of those images' scores with the full map (calibration.METHOD).
@@ -32,10 +33,12 @@ import torch
 from promptmad import contract
 from promptmad.errors import ConfigError
 from promptmad.training.deviation import build_bank, normal_stats
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT
 
 log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("held-out", "leave-one-out", "self")  # where a class's units and threshold came from
+
 _CHUNK = 16  # frames per forward pass
 _TEXT_ATOL = 1e-5  # a recomputed trained row must match this closely (unit vectors; BLAS may differ in the last bits)
 
@@ -100,6 +103,15 @@ def _bank(model, emb: torch.Tensor) -> torch.Tensor:
     return build_bank(emb.reshape(-1, emb.shape[-1]), model.cfg.bank_size)
 
 
+def views(frames: torch.Tensor, augment: str) -> torch.Tensor:
+    """[V * K, S, S, 3]: the K frames, then each mirrored view of all K (so view v of image i is row v * K + i)."""
+    if augment not in AUGMENTS:
+        raise ConfigError("augment", f"{augment!r}: choose one of {', '.join(AUGMENTS)}")
+    if augment == "none":
+        return frames
+    return torch.cat([frames, frames.flip(2), frames.flip(1), frames.flip(1, 2)])
+
+
 def _ids(n_frames: int, n_banks: int) -> torch.Tensor:
     """Frame i goes with bank i when there is one bank per frame, else all with bank 0."""
     return torch.arange(n_frames) % n_banks
@@ -118,11 +130,13 @@ def _calibration_set(model, frames: torch.Tensor, held_out: torch.Tensor | None,
     if held_out is not None:
         return held_out, bank[None], "held-out"
     k = len(frames)
+    image_of = torch.arange(len(emb)) % k  # emb holds every view of the k images (views)
     if k > 1:
         log.warning("class %s: no --held-out images: units and threshold from leave-one-out over the %d images (each "
                     "scored against a bank of the other %d); the threshold is loose. Pass --held-out DIR (normal images "
                     "not in --images) for a calibrated one", name, k, k - 1)
-        folds = torch.stack([_bank(model, torch.cat([emb[:i], emb[i + 1:]])) for i in range(k)])
+        # image i against a bank without ANY view of it: its mirror image would be a near-duplicate
+        folds = torch.stack([_bank(model, emb[image_of != i]) for i in range(k)])
         return frames, folds, "leave-one-out"
     log.warning("\n%s\n!! class %s: ONE image and no --held-out: its units and threshold come from the image itself,\n"
                 "!! whose patches are all in its own bank (distance 0). Other frames of the class will score far\n"
@@ -162,17 +176,19 @@ def threshold_of(scores: np.ndarray) -> float:
 @torch.no_grad()
 def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray | None = None, *,
                words: str | None = None, defects: tuple[str, ...] = (), clip_weights: str | None = None,
-               reference: tuple[str, np.ndarray] | None = None, verified_tower: str = "") -> ClassRows:
+               reference: tuple[str, np.ndarray] | None = None, verified_tower: str = "",
+               augment: str = DEFAULT_AUGMENT) -> ClassRows:
     """Rows and threshold of class `name` from normal frames uint8 [K, S, S, 3] (resized for the
     model) and optional held-out normal frames [M, S, S, 3]. `words`: the product words of its text
-    prompts (default: the name); see text_row for `reference` and `verified_tower`."""
+    prompts (default: the name); see text_row for `reference` and `verified_tower`; `augment`: which
+    views of each image feed the bank (AUGMENTS)."""
     x = torch.from_numpy(np.ascontiguousarray(frames))
     row, tower = text_row(model, info, words or name, defects=defects, clip_weights=clip_weights, reference=reference,
                           verified_tower=verified_tower)
     text = torch.from_numpy(row)
     feat16 = model.encoder(x[:1])[2]  # the prompt image: the first one
     prompt = model.reconstructor.encode_prompt(feat16)[0]
-    emb = model.embed_patches(x)
+    emb = model.embed_patches(views(x, augment))
     bank = _bank(model, emb)
     held = None if held_out is None else torch.from_numpy(np.ascontiguousarray(held_out))
     check, banks, method = _calibration_set(model, x, held, emb, bank, name)

@@ -23,6 +23,13 @@ from PIL import Image, UnidentifiedImageError
 from promptmad.contract import IMAGE_SUFFIXES, MAX_PIXELS_PER_FRAME
 from promptmad.errors import ConfigError, DatasetError
 
+# Views of each normal image whose patches also go into the class's bank (training.onboard.views): a few
+# images leave the bank thin, and a mirrored normal image is still a normal image of a texture or of a
+# part that may lie either way round. "none" for a product whose mirror image is itself a defect (a
+# part mounted the wrong way round). Here, not in onboard.py, so that validating it loads no torch.
+AUGMENTS = {"none": 1, "flips": 4}  # name -> views per image
+DEFAULT_AUGMENT = "none"  # safe for any product; flips measured to help textures (docs/results/onboarding-*)
+
 MIN_SIDE = 32  # pixels; smaller images are refused rather than blown up to the model's input
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 
