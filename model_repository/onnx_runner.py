@@ -25,7 +25,13 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        # `providers` (comma-separated, default CPU): e.g. "CUDAExecutionProvider,CPUExecutionProvider" on a GPU.
+        # ONNX Runtime falls back to CPU silently when the first one is missing: refuse that at load time instead.
+        providers = params.get("providers", "CPUExecutionProvider").split(",")
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        if self.session.get_providers()[0] != providers[0]:
+            raise RuntimeError(f"{args['model_name']}: providers {providers[0]} asked for, ONNX Runtime gave "
+                               f"{self.session.get_providers()} (available here: {ort.get_available_providers()})")
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
         self.max_batch = int(config.get("max_batch_size", 0))

@@ -11,11 +11,13 @@
 #      tritonserver:24.10) installs promptmad and builds the engines ON THIS GPU
 #      (`promptmad export --runtime tensorrt`, FP16 strongly typed, profile batch 1..MAX_BATCH);
 #   2. tritonserver:24.10-py3 serves the repository (host network, host IPC for shared memory);
-#   3. perf_analyzer from tritonserver:24.10-py3-sdk sweeps the grid on real frames:
-#      frame sizes x request batch sizes x concurrency, gRPC, count_windows, GPU metrics;
-#      then batch-1 sweeps with system and CUDA shared memory;
+#   3. perf_analyzer from tritonserver:24.10-py3-sdk sweeps the grid on real frames (its --input-data
+#      files written by `promptmad bench --write-input-data`): frame sizes x request batch sizes x
+#      concurrency, gRPC, count_windows, GPU metrics; then batch-1 sweeps with system and CUDA shared memory;
 #   4. `promptmad bench` (tools container) for PyTorch eager on the GPU vs the served ensemble,
 #      and each composing model alone;
+#   4b. with INT8=1: INT8 engines (`promptmad export --runtime tensorrt --precision int8`), served and
+#      swept at the model's size ($OUT/int8/perf_*.csv, grid_int8.md);
 #   5. machine, versions, server memory and a grid summary (grid.md) into $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +32,7 @@ BATCHES=${BATCHES:-"1 4 8 16"}            # images per request (perf_analyzer -b
 REQUESTS=${REQUESTS:-200}                 # --measurement-request-count (count_windows)
 STABILITY=${STABILITY:-10}                # -s: % spread of the last 3 windows (GPUs are steadier than a shared CPU)
 GPU=${GPU:-0}                             # which GPU (docker --gpus device=...)
+INT8=${INT8:-0}                           # 1: also INT8 engines from the QDQ graphs (--precision int8), swept at the model's size
 TAG=24.10
 SERVER_IMAGE=nvcr.io/nvidia/tritonserver:${TAG}-py3
 SDK_IMAGE=nvcr.io/nvidia/tritonserver:${TAG}-py3-sdk
@@ -64,43 +67,49 @@ say "building engines into $REPO (promptmad export --runtime tensorrt --max-batc
 tools "promptmad export --ckpt $RUN --out $REPO --runtime tensorrt --data $DATA --max-batch $MAX_BATCH" | tee "$OUT/export.log"
 
 # -- 2. serve ------------------------------------------------------------------------------------
-say "serving $REPO with $SERVER_IMAGE"
-# the Python-backend steps (preprocess, prompt_bank, postprocess) need numpy<2 and Pillow in the server's Python
-docker run -d --name promptmad-trt $GPUS --net=host --ipc=host --shm-size=2g -v "$PWD/$REPO":/models "$SERVER_IMAGE" \
-  bash -c "pip install -q 'numpy<2' pillow && exec tritonserver --model-repository=/models --strict-readiness=true" >/dev/null
-for i in $(seq 1 180); do
-  curl -sf localhost:8000/v2/health/ready >/dev/null && break
-  if [ "$i" = 180 ] || [ -z "$(docker ps -q -f name=promptmad-trt)" ]; then
-    docker logs promptmad-trt 2>&1 | tail -40; echo "server not ready"; exit 4
-  fi
-  sleep 2
-done
-say "server ready"
+serve() {   # serve repository $1 (stopping the one served before)
+  docker rm -f promptmad-trt >/dev/null 2>&1 || true
+  say "serving $1 with $SERVER_IMAGE"
+  # the Python-backend steps (preprocess, prompt_bank, postprocess) need numpy<2 and Pillow in the server's Python
+  docker run -d --name promptmad-trt $GPUS --net=host --ipc=host --shm-size=2g -v "$PWD/$1":/models "$SERVER_IMAGE" \
+    bash -c "pip install -q 'numpy<2' pillow && exec tritonserver --model-repository=/models --strict-readiness=true" >/dev/null
+  for i in $(seq 1 180); do
+    curl -sf localhost:8000/v2/health/ready >/dev/null && break
+    if [ "$i" = 180 ] || [ -z "$(docker ps -q -f name=promptmad-trt)" ]; then
+      docker logs promptmad-trt 2>&1 | tail -40; echo "server not ready"; exit 4
+    fi
+    sleep 2
+  done
+  say "server ready"
+}
+serve "$REPO"
 
 # -- 3. perf_analyzer grid (SDK container) ---------------------------------------------------------
 pa() { docker run --rm $GPUS --net=host --ipc=host -v "$PWD":/work -w /work "$SDK_IMAGE" perf_analyzer "$@"; }
-for S in $SIZES; do
-  say "input data: 64 real test frames at ${S}x${S}"
-  tools "python3 - <<'EOF'
-from pathlib import Path
-from promptmad.benchmarks.frames import load_frames
-from promptmad.benchmarks.server_stats import ensemble_parameters
-from promptmad.benchmarks.perf_analyzer import build_input_data
-names = ensemble_parameters('localhost:8001')['class_names']
-frames, classes = load_frames('$DATA', n=64, size=$S)
-build_input_data(frames, [names.index(c) for c in classes], Path('$OUT/input_$S.json'))
-EOF"
-  for B in $BATCHES; do
-    ranges="1:8:1"; [ "$B" = 1 ] && ranges="1:8:1 16:64:16"
-    for R in $ranges; do
-      tag="s${S}_b${B}_c${R//:/-}"
-      say "grid: frames ${S}x${S}, batch $B, concurrency $R"
-      pa -m promptmad -u localhost:8001 -i grpc -b "$B" --input-data "$OUT/input_$S.json" --concurrency-range "$R" \
-         --measurement-mode count_windows --measurement-request-count "$REQUESTS" -s "$STABILITY" --percentile 95 \
-         --collect-metrics --metrics-url localhost:8002/metrics --verbose-csv -f "$OUT/perf_$tag.csv" \
-         > "$OUT/perf_$tag.log" 2>&1 || echo "  (failed: see $OUT/perf_$tag.log)"
+input_data() {   # real test frames at $1 x $1 for every served model: `promptmad bench --write-input-data`
+  say "input data: 64 real test frames at ${1}x${1} (promptmad bench --write-input-data)"
+  tools "promptmad bench --url localhost:8001 --repo $REPO --data $DATA --image-size $1 --frames 64 \
+    --write-input-data $OUT/input_$1.json" > "$OUT/input_$1.log"
+}
+grid() {   # $1 = folder under $OUT ("" or "int8/"), $2 = frame sizes: batch x concurrency sweeps of the ensemble
+  mkdir -p "$OUT/$1"
+  for S in $2; do
+    [ -f "$OUT/input_$S.json" ] || input_data "$S"
+    for B in $BATCHES; do
+      ranges="1:8:1"; [ "$B" = 1 ] && ranges="1:8:1 16:64:16"
+      for R in $ranges; do
+        tag="$1perf_s${S}_b${B}_c${R//:/-}"
+        say "grid ${1:-fp16/}: frames ${S}x${S}, batch $B, concurrency $R"
+        pa -m promptmad -u localhost:8001 -i grpc -b "$B" --input-data "$OUT/input_$S.json" --concurrency-range "$R" \
+           --measurement-mode count_windows --measurement-request-count "$REQUESTS" -s "$STABILITY" --percentile 95 \
+           --collect-metrics --metrics-url localhost:8002/metrics --verbose-csv -f "$OUT/$tag.csv" \
+           > "$OUT/$tag.log" 2>&1 || echo "  (failed: see $OUT/$tag.log)"
+      done
     done
   done
+}
+grid "" "$SIZES"
+for S in $SIZES; do
   for SHM in system cuda; do
     tag="s${S}_b1_c1-8-1_shm-$SHM"
     say "shared memory $SHM: frames ${S}x${S}, batch 1, concurrency 1:8:1"
@@ -115,6 +124,21 @@ done
 say "promptmad bench: PyTorch eager (cuda) vs the served ensemble, composing models alone"
 tools "promptmad bench --url localhost:8001 --run $RUN --data $DATA --out $OUT/bench --torch-device cuda \
   --repo $REPO --concurrency 1:16:3 --image-size ${SIZES%% *}" || echo "  (promptmad bench failed; the grid above is still valid)"
+
+# -- 4b. INT8 engines (INT8=1): the QDQ graphs of `promptmad export --precision int8` as explicitly quantized
+#        TensorRT engines, served and swept at the model's size like the fp16 ones (into $OUT/int8/, grid_int8.md) ----
+if [ "$INT8" = 1 ]; then
+  say "building INT8 engines into ${REPO}_int8 (promptmad export --runtime tensorrt --precision int8)"
+  if tools "promptmad export --ckpt $RUN --out ${REPO}_int8 --runtime tensorrt --precision int8 --data $DATA --max-batch $MAX_BATCH" \
+       | tee "$OUT/export_int8.log"; then
+    serve "${REPO}_int8"
+    grid int8/ "${SIZES%% *}"
+    cp "${REPO}_int8/manifest.json" "$OUT/manifest_int8.json"
+    serve "$REPO"   # step 5 records the fp16 server
+  else
+    echo "  (INT8 export failed: see $OUT/export_int8.log; the fp16 figures above are still valid)"
+  fi
+fi
 
 # -- 5. what to record -------------------------------------------------------------------------------
 say "recording machine, versions and memory"
@@ -131,4 +155,5 @@ cp "$REPO/manifest.json" "$OUT/manifest.json"
 curl -s localhost:8002/metrics > "$OUT/metrics.txt" || true
 docker logs promptmad-trt > "$OUT/tritonserver.log" 2>&1 || true
 tools "python3 -m promptmad.benchmarks.grid $OUT" | tee "$OUT/grid.md"
+[ "$INT8" = 1 ] && [ -d "$OUT/int8" ] && tools "python3 -m promptmad.benchmarks.grid $OUT/int8" | tee "$OUT/grid_int8.md"
 say "done: $OUT/grid.md, machine.txt, bench/results.md; fill the GPU table of benchmarks/README.md from them"
