@@ -208,3 +208,27 @@ def _run_shapes(model, names: list[str]) -> dict[str, tuple[int, ...]]:
         feeds[inp.name] = np.zeros(shape, dtype)
     outs = sess.run(names, feeds)
     return {n: tuple(int(d) for d in np.shape(o)) for n, o in zip(names, outs)}
+
+
+def torch_flops(model) -> dict[str, int]:
+    """The cross-check: per engine step, ``torch.utils.flop_counter`` on the trained PyTorch model
+    (the same step modules the export traces) at batch 1 on a zero frame and class 0's tables.
+    It counts matmuls and convolutions only, 2 per MAC: the convention of :func:`count_graph`."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from promptmad.export.onnx_export import STEP_MODULES, prompt_tables
+
+    tables = prompt_tables(model)
+    s = model.cfg.image_size
+    t = {contract.FRAME.name: torch.zeros(1, s, s, 3, dtype=torch.uint8)}
+    t.update({n: torch.from_numpy(tables[f][[0]]) for n, f in contract.PROMPT_BANK_TABLES.items()})
+    out = {}
+    with torch.no_grad():
+        for name in contract.ENGINE_STEPS:
+            step = contract.STEPS[name]
+            with FlopCounterMode(display=False) as counter:
+                y = getattr(model, STEP_MODULES[name])(*(t[n] for n in step.input_names))
+            t.update(zip(step.output_names, (y,) if isinstance(y, torch.Tensor) else tuple(y)))
+            out[name] = int(counter.get_total_flops())
+    return out
