@@ -22,6 +22,7 @@ _STAGE_MODULES = (
     "promptmad.export.classes_cli",  # classes add / remove / list / reload
     "promptmad.client.cli",  # score
     "promptmad.benchmarks.cli",  # bench
+    "promptmad.benchmarks.variants_cli",  # bench-variants
 )
 
 log = logging.getLogger(__name__)

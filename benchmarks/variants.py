@@ -1,0 +1,235 @@
+"""Serving-layout variants of one exported repository, measured side by side in one run: the export's
+default, no dynamic batching, other engine-step instance counts, the fused engine step (export/fused.py).
+
+Every variant is a copy of the same repository (same weights) changed through the edit machinery of
+`promptmad classes` (verified, sealed again). All variants are served at once, each by its own server,
+and measured in alternation (A B C D A B C D ...) with the client code of `promptmad bench`
+(sweep.sweep_ensemble: perf_analyzer over gRPC on the same real frames), so drift of a shared machine
+falls on every variant alike. Idle servers cost memory, not CPU (their stubs wait on a semaphore).
+Per variant and round: served FPS at concurrency 1 and at the best concurrency, p50/p95 latency there;
+the summary is the median over rounds and the median of the per-round ratios to the first variant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from promptmad import contract
+from promptmad.benchmarks.perf_analyzer import BenchError
+
+log = logging.getLogger(__name__)
+
+KEEP = None  # a Variant field left as exported
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one variant's repository differs from the exported one. `batching` False removes dynamic
+    batching from every step of a python-ort repository (all run on the CPU); `engine_instances` sets the
+    instances of every engine step (the fused one included); `layout` "fused" merges the engine steps."""
+
+    name: str
+    layout: str = "steps"
+    batching: bool = True
+    engine_instances: int | None = KEEP
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise BenchError(f"variant name {self.name!r}: give a plain folder name, e.g. 'fused'")
+        if self.layout not in contract.LAYOUTS:
+            raise BenchError(f"variant {self.name}: layout {self.layout!r}, choose one of {', '.join(contract.LAYOUTS)}")
+        if self.engine_instances is not None and not 1 <= self.engine_instances <= 16:
+            raise BenchError(f"variant {self.name}: engine_instances {self.engine_instances}, give 1..16 (or leave it as exported)")
+
+
+PRESETS = {v.name: v for v in (
+    Variant("default"),  # as exported: dynamic batching, instances of export/repository.py default_instances
+    Variant("no-batching", batching=False),
+    Variant("engines-1", engine_instances=1),
+    Variant("engines-2", engine_instances=2),
+    Variant("fused", layout="fused"),  # export/fused.py FUSED_INSTANCES
+    Variant("fused-1", layout="fused", engine_instances=1),
+    Variant("fused-no-batching", layout="fused", batching=False),
+)}
+DEFAULT_VARIANTS = ("default", "no-batching", "engines-1", "engines-2", "fused", "fused-no-batching")
+
+
+def preset(name: str) -> Variant:
+    if name not in PRESETS:
+        raise BenchError(f"variant {name!r}: choose among {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# -- building the repositories --------------------------------------------------------------------
+
+def _engine_models(stage: Path) -> tuple[str, ...]:
+    from promptmad.export.fused import layout
+
+    return (contract.FUSED_ENGINE.name,) if layout(stage) == "fused" else contract.ENGINE_STEPS
+
+
+def _change(variant: Variant, stage: Path, manifest: dict) -> dict:
+    """Applies `variant` to an edit copy of the repository; returns its manifest."""
+    from promptmad.export.fused import fuse_stage
+    from promptmad.export.repository_edit import read_config, write_config
+
+    if variant.layout == "fused":
+        manifest = fuse_stage(stage, manifest, **({} if variant.engine_instances is KEEP else {"instances": variant.engine_instances}))
+    engines = _engine_models(stage)
+    for cfg_path in sorted(stage.glob("*/config.pbtxt")):
+        cfg = read_config(cfg_path)
+        if cfg.platform == "ensemble":
+            continue
+        changed = False
+        if not variant.batching and cfg.HasField("dynamic_batching"):
+            cfg.ClearField("dynamic_batching")
+            changed = True
+        if variant.engine_instances is not KEEP and cfg.name in engines:
+            for group in cfg.instance_group:
+                group.count = variant.engine_instances
+            changed = True
+        if changed:
+            write_config(cfg_path, cfg)
+    return {**manifest, "variant": asdict(variant)}
+
+
+def build_variant(repo: str | Path, variant: Variant, out_dir: str | Path) -> Path:
+    """A copy of the exported python-ort repository `repo` at `out_dir` (replaced if there), changed
+    as `variant` says and sealed."""
+    from promptmad.export.repository_edit import edit_repository, read_config
+
+    repo, out_dir = Path(repo), Path(out_dir)
+    runtime = read_config(repo / contract.MODEL_NAME / "config.pbtxt").parameters[contract.PARAM_RUNTIME].string_value
+    if runtime != "python-ort":
+        raise BenchError(f"{repo}: runtime {runtime!r}; the variants are of the CPU runtime, export with --runtime python-ort")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(repo, out_dir)
+    edit_repository(out_dir, lambda stage, manifest: _change(variant, stage, manifest))
+    return out_dir
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+def _round_figures(sw) -> dict:
+    """What one sweep of one variant gives: c=1 and best-concurrency FPS with p50/p95 (ms)."""
+    from promptmad.benchmarks.report import point
+
+    def fig(row):
+        p = point(row)
+        return {"concurrency": p.get("Concurrency"), "fps": p.get("Inferences/Second"),
+                "p50_ms": p.get("p50 latency", 0) / 1000, "p95_ms": p.get("p95 latency", 0) / 1000, "stable": p.get("stable", True)}
+
+    return {"c1": fig(sw.first()), "best": fig(sw.best())}
+
+
+def summarise(rounds: list[dict[str, dict]], names: Sequence[str]) -> dict[str, dict]:
+    """Per variant: medians over rounds, and the median of the per-round FPS ratios to the first variant
+    (each ratio taken inside one round, where both were measured a minute apart)."""
+    out = {}
+    ref = names[0]
+    for name in names:
+        per = [r[name] for r in rounds if name in r]
+        med = {k: {f: statistics.median(p[k][f] for p in per) for f in ("fps", "p50_ms", "p95_ms")} for k in ("c1", "best")}
+        best_c = [p["best"]["concurrency"] for p in per]
+        ratios = {k: statistics.median(r[name][k]["fps"] / r[ref][k]["fps"] for r in rounds if name in r and ref in r and r[ref][k]["fps"])
+                  for k in ("c1", "best")}
+        out[name] = {**med, "best_concurrency": best_c, "ratio_to_" + ref: ratios, "rounds": len(per),
+                     "stable": all(p[k]["stable"] for p in per for k in ("c1", "best"))}
+    return out
+
+
+def instruction_sets() -> str:
+    """The vector instruction sets of this CPU that decide ONNX Runtime's kernels (from /proc/cpuinfo)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration) as exc:
+        return f"unavailable ({exc!r})"
+    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+
+
+def format_markdown(summary: dict) -> str:
+    m = summary["machine"]
+    ref = summary["variants"][0]["name"]
+    lines = [f"# Serving variants, side by side ({summary['date']})", "",
+             f"Machine: {m.get('cpu')} ({summary.get('instruction_sets')}), {m.get('cores')} cores, {m.get('memory')}, GPU {m.get('gpu')}; "
+             f"onnxruntime {m.get('onnxruntime')}, perf_analyzer {m.get('perf_analyzer')}.",
+             f"Repository {summary['repository']} (same weights in every variant); {summary['n_frames']} real frames of "
+             f"{summary['data']} at {summary['image_size']}x{summary['image_size']}; perf_analyzer over gRPC, concurrency "
+             f"{':'.join(map(str, summary['concurrency']))}, {summary['rounds']} rounds alternated "
+             f"({' '.join(v['name'] for v in summary['variants'])}, repeated). Medians over rounds; ratios: median of "
+             f"the per-round ratios to `{ref}`.", "",
+             f"| variant | layout | batching | engine instances | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for v in summary["variants"]:
+        s = summary["results"][v["name"]]
+        r = s["ratio_to_" + ref]
+        inst = "as exported" if v["engine_instances"] is None else v["engine_instances"]
+        flag = "" if s["stable"] else " (unstable)"
+        lines.append(f"| {v['name']}{flag} | {v['layout']} | {'on' if v['batching'] else 'off'} | {inst} | {s['c1']['fps']:.1f} | "
+                     f"{s['c1']['p50_ms']:.0f} / {s['c1']['p95_ms']:.0f} | {s['best']['fps']:.1f} ({'/'.join(map(str, s['best_concurrency']))}) | "
+                     f"{s['best']['p50_ms']:.0f} / {s['best']['p95_ms']:.0f} | {r['c1']:.2f}x | {r['best']:.2f}x |")
+    fastest = max(summary["variants"], key=lambda v: summary["results"][v["name"]]["best"]["fps"])["name"]
+    lines += ["", f"Fastest at the best concurrency: **{fastest}**. Every variant serves the same ensembles "
+              f"({contract.MODEL_NAME}, {contract.ENCODED_MODEL_NAME}) with the same inputs, outputs and class bank."]
+    return "\n".join(lines) + "\n"
+
+
+def run_variants(repo: str | Path, data: str | Path, out: str | Path, variants: Sequence[Variant], *,
+                 rounds: int = 2, concurrency: tuple[int, int, int] = (1, 8, 1), n_frames: int = 32,
+                 image_size: int | None = 256, request_count: int = 40) -> dict:
+    """Builds every variant under `out/repos/`, serves them all, sweeps them in alternation `rounds`
+    times, writes `out/results.json` and `out/results.md` and returns the summary."""
+    import datetime
+
+    from promptmad.benchmarks.frames import class_ids, load_frames
+    from promptmad.benchmarks.machine import machine_description
+    from promptmad.benchmarks.perf_analyzer import check_perf_analyzer
+    from promptmad.benchmarks.server_stats import ensemble_parameters
+    from promptmad.benchmarks.sweep import sweep_ensemble
+    from promptmad.export.server import TritonServer
+
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise BenchError(f"variants {names}: give at least two, each once")
+    if rounds < 1:
+        raise BenchError(f"rounds {rounds}: give at least 1 (2 or more to see the spread)")
+    check_perf_analyzer()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    repos = {v.name: build_variant(repo, v, out / "repos" / v.name) for v in variants}
+    servers = {}
+    try:
+        for name, path in repos.items():
+            log.info("starting the %s variant's server", name)
+            servers[name] = TritonServer(path).start()
+        params = ensemble_parameters(servers[names[0]].grpc_url)
+        size = image_size or params["image_size"]
+        frames, frame_classes = load_frames(data, n=n_frames, size=size)
+        ids = class_ids(frame_classes, params["class_names"])
+        per_round: list[dict[str, dict]] = []
+        for r in range(rounds):
+            per_round.append({})
+            for name in names:
+                sw = sweep_ensemble(servers[name].grpc_url, frames, ids, out / "perf", f"{name}_round{r + 1}",
+                                    concurrency=concurrency, request_count=request_count)
+                per_round[-1][name] = _round_figures(sw)
+                log.info("round %d %s: %s", r + 1, name, per_round[-1][name])
+    finally:
+        for server in servers.values():
+            server.stop()
+    summary = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "machine": machine_description(), "instruction_sets": instruction_sets(), "repository": str(repo), "data": str(data), "image_size": size,
+               "n_frames": n_frames, "concurrency": list(concurrency), "rounds": rounds, "request_count": request_count,
+               "variants": [asdict(v) for v in variants], "per_round": per_round, "results": summarise(per_round, names)}
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "results.md").write_text(format_markdown(summary))
+    return summary

@@ -1,0 +1,69 @@
+"""``promptmad bench-variants``: serving-layout variants of one exported repository measured side by side
+in one run (benchmarks/variants.py). Only argparse here, so `promptmad --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+EPILOG = """\
+examples:
+  # the export's default against no batching, 1 or 2 instances of every engine step, the fused step:
+  promptmad bench-variants --repo model_repository --data data/synth --out variants_results
+
+  # two variants, three alternated rounds, a shorter sweep:
+  promptmad bench-variants --repo model_repository --data data/synth --out v --variants default fused --rounds 3 --concurrency 1:4
+
+what is written to --out:
+  results.md    one row per variant: c=1 and best FPS, p50/p95 latency, ratios to the first variant; the machine
+  results.json  every number, per round
+  repos/        the variant repositories (copies of --repo, sealed); serve one with `promptmad serve --repo`
+  perf/         raw perf_analyzer CSVs, logs and input data of every sweep
+
+Run it on an otherwise idle machine: all variants are served at once and measured in alternation
+(A B C A B C ...), which cancels slow drift, not a neighbour's load spikes.
+"""
+
+
+def _range(text: str) -> tuple[int, int, int]:
+    from promptmad.benchmarks.cli import _range as parse
+
+    return parse(text)
+
+
+def register(subparsers) -> None:
+    from promptmad.benchmarks.variants import DEFAULT_VARIANTS, PRESETS
+
+    p = subparsers.add_parser(
+        "bench-variants", help="serving-layout variants of one repository (batching, instances, fused step), side by side",
+        description=textwrap.fill(
+            "Build variants of one exported python-ort repository (same weights): the export's default, no dynamic "
+            "batching, other instance counts of the engine steps, the three engine graphs fused into one step; serve "
+            "them all and measure them in alternation with perf_analyzer on real frames, as `promptmad bench` does.",
+            width=100),
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", required=True, help="an exported python-ort repository (not changed; copies are)")
+    p.add_argument("--data", required=True, help="dataset whose test frames are sent, e.g. data/synth")
+    p.add_argument("--out", default="variants_results", help="output folder (default: variants_results)")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(PRESETS), metavar="NAME",
+                   help=f"variants, the first is the reference of the ratios (default: {' '.join(DEFAULT_VARIANTS)}; "
+                        f"choices: {', '.join(PRESETS)})")
+    p.add_argument("--rounds", type=int, default=2, help="times every variant is swept, alternated (default: 2)")
+    p.add_argument("--concurrency", type=_range, default=(1, 8, 1), metavar="START:END[:STEP]",
+                   help="requests in flight to sweep (default: 1:8:1)")
+    p.add_argument("--image-size", type=int, default=256, metavar="PX", help="side of the frames sent (default: 256)")
+    p.add_argument("--frames", type=int, default=32, help="distinct test frames cycled through (default: 32)")
+    p.add_argument("--request-count", type=int, default=40,
+                   help="requests per perf_analyzer measurement window (default: 40)")
+    p.set_defaults(func=_bench_variants)
+
+
+def _bench_variants(args) -> int:
+    from promptmad.benchmarks.variants import format_markdown, preset, run_variants
+
+    summary = run_variants(args.repo, args.data, args.out, [preset(n) for n in args.variants], rounds=args.rounds,
+                           concurrency=args.concurrency, n_frames=args.frames, image_size=args.image_size,
+                           request_count=args.request_count)
+    print(format_markdown(summary))
+    print(f"written: {args.out}/results.md, results.json, repos/, perf/")
+    return 0
