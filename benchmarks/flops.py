@@ -1,5 +1,6 @@
 """FLOPs per frame of an exported repository, counted from its ONNX graphs (one per engine step of
-the contract: visual_encoder, reconstructor, segmentor), at batch 1 and the repository's image size.
+the contract: visual_encoder, reconstructor, segmentor; or the fused layout's one ``fused_engine``
+graph, export/fused.py), at batch 1 and the repository's image size.
 
 Convention: **2 FLOPs per multiply-accumulate** (the one ``torch.utils.flop_counter`` uses), counted
 for the dense-math ops only: Conv (grouped and depthwise included), ConvTranspose, MatMul (batched)
@@ -64,18 +65,29 @@ class StepFlops:
                 "shapes_from_run": self.shapes_from_run, "biggest_conv": self.biggest_conv}
 
 
-def step_graph(repo: Path | str, step: str) -> Path:
-    """``<repo>/<step>/1/model.onnx`` (the file `promptmad export --runtime python-ort` writes)."""
-    path = Path(repo) / step / "1" / contract.ONNX_FILE
-    if not path.is_file():
-        raise BenchError(f"{path}: no ONNX graph of step {step!r}; FLOPs are counted from a python-ort or onnxruntime "
-                         f"repository (`promptmad export --runtime python-ort`)")
-    return path
+# the layouts whose engine graphs are counted: the contract's three steps, or the fused layout's one step
+LAYOUT_STEPS = (contract.ENGINE_STEPS, (contract.FUSED_ENGINE.name,))
+
+
+def engine_graphs(repo: Path | str | None) -> dict[str, Path]:
+    """``{step: <repo>/<step>/1/model.onnx}`` of the repository's engine steps (contract order), the
+    files `promptmad export --runtime python-ort` (or onnxruntime) writes; {} when it has none."""
+    if repo is None:
+        return {}
+    for steps in LAYOUT_STEPS:
+        paths = {s: Path(repo) / s / "1" / contract.ONNX_FILE for s in steps}
+        if all(p.is_file() for p in paths.values()):
+            return paths
+    return {}
 
 
 def repository_flops(repo: Path | str) -> dict[str, StepFlops]:
     """Per engine step (contract order), the count of its graph in ``repo``."""
-    return {name: count_graph(step_graph(repo, name), name) for name in contract.ENGINE_STEPS}
+    graphs = engine_graphs(repo)
+    if not graphs:
+        raise BenchError(f"{repo}: no ONNX graphs of {', '.join(contract.ENGINE_STEPS)} (nor {contract.FUSED_ENGINE.name}); "
+                         "FLOPs are counted from a python-ort or onnxruntime repository (`promptmad export --runtime python-ort`)")
+    return {name: count_graph(path, name) for name, path in graphs.items()}
 
 
 def count_graph(path: Path | str, step: str = "") -> StepFlops:

@@ -4,7 +4,7 @@ share of the dense-math ceiling measured in the same run with the served steps' 
 (:mod:`promptmad.benchmarks.ceiling`). A share, unlike an FPS figure, compares across machines.
 
 Which served figures (all from the bench's own measurements, per frame size):
-- each engine step: its FLOPs over its **server compute time per frame** during the ensemble sweep
+- each engine step (or the fused layout's one step): its FLOPs over its **server compute time per frame** during the ensemble sweep
   (Triton statistics, :func:`promptmad.benchmarks.server_stats.step_breakdown`), against the ``step``
   ceiling (one session, the step's intra-op threads); and, when ``--per-model`` ran, the step alone
   at concurrency 1 (perf_analyzer FPS x FLOPs) against the same ceiling;
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from promptmad import contract
 from promptmad.benchmarks.ceiling import GEMM_N, Ceiling, conv_kernel, conv3x3_kernel, gemm_kernel, measure_ceiling
-from promptmad.benchmarks.flops import FLOPS_PER_MAC, StepFlops, repository_flops
+from promptmad.benchmarks.flops import FLOPS_PER_MAC, StepFlops, engine_graphs, repository_flops
 from promptmad.benchmarks.perf_analyzer import BenchError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def served_threads(repo: Path | str) -> dict[str, dict[str, int]]:
     from promptmad.export.repository_edit import read_config
 
     out = {}
-    for step in contract.ENGINE_STEPS:
+    for step in engine_graphs(repo) or contract.ENGINE_STEPS:
         path = Path(repo) / step / "config.pbtxt"
         if not path.is_file():
             raise BenchError(f"{path}: missing; the roofline reads each step's threads from an exported repository")
@@ -136,11 +136,10 @@ def target_verdict(rows: list[dict] | None, quantized: bool) -> dict:
 def add_roofline(summary: dict, repo: Path | str | None, out: Path | str, *, seconds: float = 2.0,
                  gemm_n: int = GEMM_N) -> dict | None:
     """``summary["roofline"]`` (or a note saying why not), the roofline plot, and results.* rewritten."""
-    from promptmad.benchmarks.onnx_chain import has_onnx_graphs
     from promptmad.benchmarks.report import write_outputs
 
     out = Path(out)
-    if not has_onnx_graphs(repo):
+    if not engine_graphs(repo):
         summary.setdefault("notes", []).append("roofline not measured: FLOPs are counted from the repository's ONNX graphs "
                                                "(python-ort or onnxruntime runtime; give --repo)")
     else:

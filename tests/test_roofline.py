@@ -218,3 +218,20 @@ def test_instruction_sets_and_cli_switch():
     register(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["bench", "--data", "d"]).roofline
     assert not parser.parse_args(["bench", "--data", "d", "--no-roofline"]).roofline
+
+
+def test_fused_layout_counts_the_same_model(tiny_repository, tmp_path):
+    """The fused layout (export/fused.py: the three graphs merged into one step) is counted as one
+    step with the three steps' FLOPs, and its threads and instances are read from its own config."""
+    import shutil
+
+    from promptmad.export.fused import fuse_repository
+
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_repository, fused)
+    fuse_repository(fused)
+    steps = repository_flops(tiny_repository)
+    one = repository_flops(fused)
+    assert list(one) == [contract.FUSED_ENGINE.name]
+    assert one[contract.FUSED_ENGINE.name].flops == sum(f.flops for f in steps.values())
+    assert served_threads(fused) == {contract.FUSED_ENGINE.name: {"instances": 2, "threads": 1}}
