@@ -246,13 +246,17 @@ def fp32_graphs(cfg: GpuBenchConfig, model, ref: dict, work: Path) -> tuple[dict
 def fp16_graphs(fp32: dict[str, Path], work: Path, notes: list[str]) -> dict[str, Path]:
     """Mixed-fp16 copies (export/tensorrt.py's conversion: LayerNorm, Softmax, ... kept fp32); a
     step whose copy does not convert stays fp32, and a note says so."""
+    import warnings
+
     from promptmad.export.tensorrt import convert_to_mixed_fp16
 
     (work / "fp16").mkdir(parents=True, exist_ok=True)
     out = {}
     for step, path in fp32.items():
         try:
-            out[step] = convert_to_mixed_fp16(path, work / "fp16" / f"{step}.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one "truncated to fp16" line per out-of-range constant
+                out[step] = convert_to_mixed_fp16(path, work / "fp16" / f"{step}.onnx")
         except Exception as exc:  # noqa: BLE001 - the note carries it
             notes.append(f"ort-fp16: {step} kept fp32 (conversion failed: {type(exc).__name__}: {str(exc)[:160]})")
             out[step] = path
@@ -419,6 +423,11 @@ def prepare_ort(cfg: GpuBenchConfig, res: Results, model, ref: dict, work: Path,
     provider = ort_providers(cfg.device)[0]
     if not keys:
         return {}
+    if cfg.device == "cuda" and hasattr(ort, "preload_dlls"):
+        try:  # the CUDA/cuDNN libraries of the nvidia-* wheels beside torch (onnxruntime-gpu >= 1.21)
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001 - session creation then names what is missing
+            res.notes.append(f"onnxruntime.preload_dlls(): {type(exc).__name__}: {str(exc)[:160]}")
     if provider not in ort.get_available_providers():
         note = (f"onnxruntime {ort.__version__} here has {ort.get_available_providers()}, no {provider}: install onnxruntime-gpu "
                 "(benchmarks/gpu/README.md, staged wheels)")
@@ -466,7 +475,8 @@ def prepare(cfg: GpuBenchConfig, res: Results, work: Path, budget: Budget) -> tu
     sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
     torch_runners = {k: (torch_runner(model, cfg.device, k == "torch-fp16"), sync) for k in ("torch-fp32", "torch-fp16")
                      if k in cfg.runtimes}
-    return {k: ({**torch_runners, **runners})[k] for k in RUNTIMES if k in torch_runners or k in runners}, ref
+    both = {**torch_runners, **runners}
+    return {k: both[k] for k in RUNTIMES if k in both}, ref  # the table's order
 
 
 def measure_cell(res: Results, key: str, runner: Runner, scope: str, batch: int, feeds: dict, budget: Budget,

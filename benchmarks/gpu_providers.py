@@ -5,7 +5,7 @@ CPU), its model.py becomes this checkout's runner (a repository exported before 
 has a runner that ignores it), and the manifest is sealed again. Edits the folder in place: give it a
 copy.
 
-    python benchmarks/gpu/providers.py REPO CUDAExecutionProvider,CPUExecutionProvider
+    python -m promptmad.benchmarks.gpu_providers REPO CUDAExecutionProvider,CPUExecutionProvider
 """
 
 from __future__ import annotations

@@ -58,13 +58,30 @@ if [ -d /tmp/promptmad-stage ]; then   # parts of big wheels carried by earlier 
     cat "${first%aa}"* > "$whl" && say "assembled $(basename "$whl") ($(du -m "$whl" | cut -f1) MiB)"
   done
 fi
-WHEELS=$(ls .gpu/wheels/*.whl "$WORK"/wheels/*.whl 2>/dev/null | tr '\n' ' ')
-if [ -n "$WHEELS" ]; then
-  say "installing offline into $SITE: $WHEELS"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $WHEELS \
-    || say "pip install of the carried wheels failed: going on with what the image has"
-  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
+# the served ensemble's own packages (numpy<2 for the Python-backend stub, pytriton, ...) go to a second
+# folder that only served.sh puts on its path: the in-process grid keeps the image's numpy 2
+SERVED_ONLY='^(numpy|nvidia_pytriton|tritonclient|nvidia_cuda_runtime_cu12|polygraphy)-'
+install() {   # $1 = target folder, rest = wheels
+  local target=$1; shift
+  [ $# -gt 0 ] || return 0
+  say "installing offline into $target: $(for w in "$@"; do basename "$w"; done | tr '\n' ' ')"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$@" \
+    || say "pip install into $target failed: going on with what the image has"
+}
+mapfile -t ALL < <(ls .gpu/wheels/*.whl "$WORK"/wheels/*.whl 2>/dev/null)
+has() {   # whether the image already has what wheel $1 brings (then it is not installed)
+  case "$(basename "$1")" in
+    onnxruntime_gpu-*) $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null ;;
+    onnxconverter_common-*) $PY -c "import onnxconverter_common" 2>/dev/null ;;
+    *) return 1 ;;
+  esac
+}
+mapfile -t CORE < <(for w in "${ALL[@]}"; do basename "$w" | grep -Eqv "$SERVED_ONLY" && ! has "$w" && echo "$w"; done)
+mapfile -t SERVED_WHEELS < <(for w in "${ALL[@]}"; do basename "$w" | grep -Eq "$SERVED_ONLY" && echo "$w"; done)
+install "$SITE" "${CORE[@]}"
+install "$WORK/site-served" "${SERVED_WHEELS[@]}"
+[ -d "$SITE" ] && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+export SERVED_PYTHONPATH=$WORK/site-served
 # Debian packages carried as .deb (perf_analyzer's libb64), unpacked beside, never into /
 for deb in .gpu/debs/*.deb; do
   [ -e "$deb" ] || continue
@@ -108,7 +125,7 @@ cat "$OUT/machine.txt"
 served_ready() {   # why the served ensemble cannot run on this device ("" = it can)
   [ "$SERVED" = 1 ] || { echo "not asked (--no-served)"; return; }
   [ -n "$RUN$REPO" ] || { echo "needs a carried run (.gpu/run) or repository (.gpu/repo)"; return; }
-  $PY - "$DEVICE" <<'EOF' 2>&1 | tail -1
+  PYTHONPATH=$SERVED_PYTHONPATH${PYTHONPATH:+:$PYTHONPATH} $PY - "$DEVICE" <<'EOF' 2>&1 | tail -1
 import sys
 missing = []
 for m in ("pytriton", "tritonclient.grpc"):
@@ -122,10 +139,12 @@ if numpy.__version__ >= "2":
 import onnxruntime as ort
 if sys.argv[1] == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
     missing.append(f"onnxruntime with CUDAExecutionProvider (have {ort.__version__}: {ort.get_available_providers()})")
-print("missing: " + ", ".join(missing) if missing else "")
+print("missing: " + ", ".join(missing) if missing else "READY")
 EOF
 }
 WHY_NOT=$(served_ready)
+[ "$WHY_NOT" = READY ] && WHY_NOT=""
+[ -z "$WHY_NOT" ] || case "$WHY_NOT" in "not asked"*|needs*|missing:*) ;; *) WHY_NOT="the check failed: $WHY_NOT" ;; esac
 SERVED_S=0; [ -z "$WHY_NOT" ] && SERVED_S=$(( BUDGET / 3 ))
 GRID_S=$(( $(left) - SERVED_S - 10 ))
 say "in-process grid: ${GRID_S}s (served ensemble: ${WHY_NOT:-${SERVED_S}s})"

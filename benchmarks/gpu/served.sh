@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The served ensemble on the device's ONNX Runtime provider (step 4 of run_device.sh, which checks
 # the prerequisites first): a python-ort repository (the carried one, else exported from the run),
-# its engine steps pointed at the provider (providers.py), a small synthetic dataset of the run's
+# its engine steps pointed at the provider (gpu_providers.py), a small synthetic dataset of the run's
 # classes, then `promptmad bench` (embedded tritonserver + perf_analyzer, PyTorch eager on the same
 # device at batch 1) inside the seconds given. Writes OUT/served.md and OUT/served_results.json.
 #
@@ -14,6 +14,7 @@ say() { printf '[served +%ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 fail() { printf 'Served ensemble on this device: not measured (%s; see log.txt).\n' "$*" > "$OUT/served.md"; say "$*"; exit 0; }
 PM=(-c 'import sys; from promptmad.cli import main; sys.exit(main())')   # `promptmad` of this Python
 rm -rf "$W"; mkdir -p "$W"
+export PYTHONPATH=${SERVED_PYTHONPATH:+$SERVED_PYTHONPATH:}${PYTHONPATH:-}   # numpy<2, pytriton, ... (run_device.sh)
 
 if [ "$DEVICE" = cuda ]; then PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider CONC=1:16:3; else PROVIDERS=CPUExecutionProvider CONC=1:2:1; fi
 if [ -n "$REPO" ]; then
@@ -23,7 +24,7 @@ else
   skip=(); $PY -c "import polygraphy" 2>/dev/null || skip=(--skip-parity)   # parity needs polygraphy
   timeout $(( $(left) / 3 )) "$PY" "${PM[@]}" export --ckpt "$RUN" --out "$W/repo" --runtime python-ort --max-batch 16 "${skip[@]}" || fail "export of $RUN failed"
 fi
-$PY benchmarks/gpu/providers.py "$W/repo" "$PROVIDERS" || fail "could not set providers $PROVIDERS"
+$PY -m promptmad.benchmarks.gpu_providers "$W/repo" "$PROVIDERS" || fail "could not set providers $PROVIDERS"
 CLASSES=$($PY -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['classes']))" "$W/repo/manifest.json")
 "$PY" "${PM[@]}" data synth --out "$W/data" --classes $CLASSES --n-train 1 --n-test-good 3 --n-test-defect 3 >/dev/null \
   || fail "the synthetic dataset of classes '$CLASSES' could not be written (served classes must be synth classes)"
