@@ -115,6 +115,13 @@ def build_variant(repo: str | Path, variant: Variant, out_dir: str | Path) -> Pa
     return out_dir
 
 
+def engine_instances(repo: Path) -> dict[str, int]:
+    """Instances of each engine step of a built repository, as its configs say."""
+    from promptmad.export.repository_edit import read_config
+
+    return {m: sum(g.count for g in read_config(Path(repo) / m / "config.pbtxt").instance_group) for m in _engine_models(Path(repo))}
+
+
 # -- measuring -----------------------------------------------------------------------------------
 
 def _round_figures(sw) -> dict:
@@ -167,12 +174,12 @@ def format_markdown(summary: dict) -> str:
              f"{':'.join(map(str, summary['concurrency']))}, {summary['rounds']} rounds alternated "
              f"({' '.join(v['name'] for v in summary['variants'])}, repeated). Medians over rounds; ratios: median of "
              f"the per-round ratios to `{ref}`.", "",
-             f"| variant | layout | batching | engine instances | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
+             f"| variant | layout | batching | engine instances ({'/'.join(contract.ENGINE_STEPS)}, or fused) | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for v in summary["variants"]:
         s = summary["results"][v["name"]]
         r = s["ratio_to_" + ref]
-        inst = "as exported" if v["engine_instances"] is None else v["engine_instances"]
+        inst = "/".join(str(n) for n in summary["engine_instances"][v["name"]].values())
         flag = "" if s["stable"] else " (unstable)"
         lines.append(f"| {v['name']}{flag} | {v['layout']} | {'on' if v['batching'] else 'off'} | {inst} | {s['c1']['fps']:.1f} | "
                      f"{s['c1']['p50_ms']:.0f} / {s['c1']['p95_ms']:.0f} | {s['best']['fps']:.1f} ({'/'.join(map(str, s['best_concurrency']))}) | "
@@ -206,6 +213,7 @@ def run_variants(repo: str | Path, data: str | Path, out: str | Path, variants: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     repos = {v.name: build_variant(repo, v, out / "repos" / v.name) for v in variants}
+    instances = {name: engine_instances(path) for name, path in repos.items()}
     servers = {}
     try:
         for name, path in repos.items():
@@ -229,7 +237,7 @@ def run_variants(repo: str | Path, data: str | Path, out: str | Path, variants: 
     summary = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": machine_description(), "instruction_sets": instruction_sets(), "repository": str(repo), "data": str(data), "image_size": size,
                "n_frames": n_frames, "concurrency": list(concurrency), "rounds": rounds, "request_count": request_count,
-               "variants": [asdict(v) for v in variants], "per_round": per_round, "results": summarise(per_round, names)}
+               "variants": [asdict(v) for v in variants], "engine_instances": instances, "per_round": per_round, "results": summarise(per_round, names)}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "results.md").write_text(format_markdown(summary))
     return summary
