@@ -1,0 +1,101 @@
+"""`promptmad bench-variants` (benchmarks/variants.py): each variant repository is a sealed, valid copy
+changed only as its variant says; the summary takes its ratios inside each round; a real run on the
+tiny model serves two variants, sweeps them in alternation with perf_analyzer and writes its results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from promptmad import contract
+from promptmad.benchmarks.perf_analyzer import BenchError
+from promptmad.benchmarks.variants import PRESETS, Variant, build_variant, run_variants, summarise
+from promptmad.export.fused import FUSED_INSTANCES
+from promptmad.export.manifest import verify_repository_checksums
+from promptmad.export.repository import validate_repository
+from promptmad.export.repository_edit import read_config
+
+
+def _configs(repo):
+    return {p.parent.name: read_config(p) for p in repo.glob("*/config.pbtxt")}
+
+
+def test_variant_fields_are_checked():
+    with pytest.raises(BenchError, match="layout 'merged', choose one of steps, fused"):
+        Variant("x", layout="merged")
+    with pytest.raises(BenchError, match="engine_instances 0"):
+        Variant("x", engine_instances=0)
+    with pytest.raises(BenchError, match="plain folder name"):
+        Variant("../x")
+
+
+@pytest.mark.parametrize("name", ["no-batching", "engines-2", "fused-no-batching", "fused-1"])
+def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path, name):
+    variant = PRESETS[name]
+    before = verify_repository_checksums(tiny_repository)
+    repo = build_variant(tiny_repository, variant, tmp_path / name)
+    validate_repository(repo)
+    doc = verify_repository_checksums(repo)
+    assert verify_repository_checksums(tiny_repository) == before  # the source is not touched
+    assert doc["variant"]["name"] == name
+    src, got = _configs(tiny_repository), _configs(repo)
+    engines = {contract.FUSED_ENGINE.name} if variant.layout == "fused" else set(contract.ENGINE_STEPS)
+    assert set(got) == set(contract.FUSED_MODELS if variant.layout == "fused" else contract.ALL_MODELS)
+    for model, cfg in got.items():
+        if cfg.platform == "ensemble":
+            continue
+        reference = src.get(model, src[contract.SEGMENTOR.name])  # the fused step is built from the segmentor's
+        assert cfg.HasField("dynamic_batching") == (variant.batching and reference.HasField("dynamic_batching")), model
+        count = cfg.instance_group[0].count
+        if model in engines and variant.engine_instances is not None:
+            assert count == variant.engine_instances, model
+        elif model == contract.FUSED_ENGINE.name:
+            assert count == FUSED_INSTANCES
+        else:
+            assert count == reference.instance_group[0].count, model
+        assert cfg.max_batch_size == reference.max_batch_size, model
+
+
+def test_summary_ratios_are_taken_inside_each_round():
+    def fig(c1, best):
+        return {"c1": {"fps": c1, "p50_ms": 10.0, "p95_ms": 12.0, "concurrency": 1, "stable": True},
+                "best": {"fps": best, "p50_ms": 20.0, "p95_ms": 30.0, "concurrency": 4, "stable": True}}
+
+    # the machine slows down by half in round 2; B stays 1.2x A inside each round
+    rounds = [{"A": fig(10, 20), "B": fig(12, 24)}, {"A": fig(5, 10), "B": fig(6, 12)}, {"A": fig(10, 20), "B": fig(12, 24)}]
+    s = summarise(rounds, ["A", "B"])
+    assert s["B"]["ratio_to_A"]["c1"] == pytest.approx(1.2) and s["B"]["ratio_to_A"]["best"] == pytest.approx(1.2)
+    assert s["A"]["ratio_to_A"]["best"] == pytest.approx(1.0)
+    assert s["B"]["best"]["fps"] == 24 and s["B"]["rounds"] == 3 and s["B"]["best_concurrency"] == [4, 4, 4]
+
+
+def test_cli_registers_bench_variants():
+    from promptmad.cli import build_parser
+
+    args = build_parser().parse_args(["bench-variants", "--repo", "r", "--data", "d", "--variants", "default", "fused",
+                                      "--concurrency", "1:2"])
+    assert (args.repo, args.variants, args.concurrency, args.rounds) == ("r", ["default", "fused"], (1, 2, 1), 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench-variants", "--repo", "r", "--data", "d", "--variants", "nonsense"])
+
+
+@pytest.mark.server
+def test_two_variants_measured_in_alternation_end_to_end(tiny_repository, tiny_dataset, tmp_path):
+    out = tmp_path / "variants"
+    summary = run_variants(tiny_repository, tiny_dataset, out, [PRESETS["default"], PRESETS["fused"]], rounds=2,
+                           concurrency=(1, 2, 1), n_frames=4, image_size=64, request_count=10)
+    saved = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in saved["variants"]] == ["default", "fused"] and len(saved["per_round"]) == 2
+    for name in ("default", "fused"):
+        r = summary["results"][name]
+        assert r["c1"]["fps"] > 0 and r["best"]["fps"] >= r["c1"]["fps"] * 0.5 and r["rounds"] == 2
+        assert r["c1"]["p95_ms"] >= r["c1"]["p50_ms"] > 0
+    assert summary["results"]["default"]["ratio_to_default"]["c1"] == pytest.approx(1.0)
+    # A B A B: each sweep's CSV was written after the previous one's
+    order = [out / "perf" / f"perf_{n}_round{r}.csv" for r in (1, 2) for n in ("default", "fused")]
+    times = [p.stat().st_mtime_ns for p in order]
+    assert times == sorted(times), order
+    md = (out / "results.md").read_text()
+    assert summary["machine"]["cpu"] in md and "| default |" in md and "| fused |" in md and "x |" in md
+    assert (out / "repos" / "fused" / contract.FUSED_ENGINE.name).is_dir()
