@@ -350,9 +350,13 @@ def _atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _cell_text(cell: dict) -> str:
     if cell["status"] == "measured":
-        return f"{cell['img_s']:.0f} ({cell['p50_ms']:.2f} / {cell['p95_ms']:.2f})"
+        return f"{_num(cell['img_s'])} ({_num(cell['p50_ms'])} / {_num(cell['p95_ms'])})"
     return {"pending": "", "skipped": "skipped", "failed": "failed", "unavailable": "n/a"}.get(cell["status"], cell["status"])
 
 
