@@ -55,7 +55,12 @@ def server_stats(grpc_url: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def step_breakdown(before: dict, after: dict, steps: Sequence[str] = STEPS) -> dict[str, dict[str, float]]:
+# every composing model of either layout (the fused one runs fused_engine in place of the three engine steps);
+# a model the served repository does not have is skipped
+BREAKDOWN_STEPS = (*STEPS, contract.FUSED_ENGINE.name)
+
+
+def step_breakdown(before: dict, after: dict, steps: Sequence[str] = BREAKDOWN_STEPS) -> dict[str, dict[str, float]]:
     """Per composing model, between two :func:`server_stats` snapshots:
 
     - ``compute_ms_per_frame``: compute time of its executions divided by the frames they carried
