@@ -79,6 +79,12 @@ class GpuBenchConfig:
             raise BenchError(f"--runtimes {unknown}: choose from {', '.join(RUNTIMES)}")
         if not 0 < self.min_seconds <= self.max_seconds:
             raise BenchError(f"--min-seconds {self.min_seconds} / --max-seconds {self.max_seconds}: need 0 < min <= max")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BenchError("--device cuda: PyTorch sees no GPU here (torch.cuda.is_available() is False); "
+                                 "run on the GPU machine, or --device cpu for the plumbing test")
         for name in ("run", "repo", "int8_repo"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_dir():
@@ -437,33 +443,41 @@ def prepare_ort(cfg: GpuBenchConfig, res: Results, model, ref: dict, work: Path,
                 "(benchmarks/gpu/README.md, staged wheels)")
         res.notes.append(f"ort-*: unavailable, {note}")
         for k in keys:
-            for scope in SCOPES:
-                for b in cfg.batches:
-                    res.set(k, scope, b, "unavailable", note=note)
+            mark(res, k, "unavailable", note)
         return {}
     fp32, res.machine["graphs"] = fp32_graphs(cfg, model, ref, work)
     say(budget, f"fp32 graphs: {res.machine['graphs']}")
     budget.check()
-    nop = lambda: None  # noqa: E731 - ORT returns host arrays: its run is synchronous
+    lower = {"ort-fp32": lambda: dict(fp32), "ort-fp16": lambda: fp16_graphs(fp32, work, res.notes),
+             "ort-int8": lambda: int8_graphs(cfg, fp32, res.notes)}
     runners: dict[str, Runner] = {}
-    if "ort-fp32" in keys:
-        runners["ort-fp32"] = (ort_runner(load_sessions("ort-fp32", dict(fp32), fp32, cfg.device, res.notes)), nop)
-    lower = {"ort-fp16": lambda: fp16_graphs(fp32, work, res.notes), "ort-int8": lambda: int8_graphs(cfg, fp32, res.notes)}
-    for key in ("ort-fp16", "ort-int8"):
-        if key not in keys:
-            continue
+    for key in keys:
         budget.check()
-        graphs = lower[key]()
-        if graphs is None:
-            for scope in SCOPES:
-                for b in cfg.batches:
-                    res.set(key, scope, b, "skipped", note=res.notes[-1])
+        try:
+            graphs = lower[key]()
+            if graphs is None:  # nothing to measure: the note says why
+                mark(res, key, "skipped", res.notes[-1])
+                continue
+            sessions = load_sessions(key, graphs, fp32, cfg.device, res.notes)
+        except OutOfTime:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one precision's failure leaves the others measured
+            mark(res, key, "failed", f"{key} setup failed: {type(exc).__name__}: {str(exc)[:300]}")
+            res.notes.append(f"{key} setup failed: {type(exc).__name__}: {str(exc)[:300]}")
             continue
-        sessions = load_sessions(key, graphs, fp32, cfg.device, res.notes)
-        res.labels[key] = f"{RUNTIMES[key]}: {precision_label(graphs, fp32)}"
+        if key != "ort-fp32":
+            res.labels[key] = f"{RUNTIMES[key]}: {precision_label(graphs, fp32)}"
         say(budget, f"{res.labels[key]} sessions loaded")
-        runners[key] = (ort_runner(sessions), nop)
+        runners[key] = (ort_runner(sessions), lambda: None)  # ORT returns host arrays: its run is synchronous
     return runners
+
+
+def mark(res: Results, key: str, status: str, note: str) -> None:
+    """Every still-pending cell of runtime ``key``."""
+    for scope in SCOPES:
+        for b in res.cfg.batches:
+            if res.cells[res.key(key, scope, b)]["status"] == "pending":
+                res.set(key, scope, b, status, note=note)
 
 
 def prepare(cfg: GpuBenchConfig, res: Results, work: Path, budget: Budget) -> tuple[dict[str, Runner], dict]:
@@ -475,7 +489,16 @@ def prepare(cfg: GpuBenchConfig, res: Results, work: Path, budget: Budget) -> tu
     ref = reference_tensors(model, model.cfg.image_size, model.num_classes)
     say(budget, "reference tensors computed")
     budget.check()
-    runners = prepare_ort(cfg, res, model, ref, work, budget)  # exports from the CPU model: before it moves
+    try:
+        runners = prepare_ort(cfg, res, model, ref, work, budget)  # exports from the CPU model: before it moves
+    except OutOfTime:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an export or provider failure must not cost the PyTorch figures
+        note = f"ONNX Runtime setup failed: {type(exc).__name__}: {str(exc)[:300]}"
+        res.notes.append(note)
+        runners = {}
+        for k in (k for k in cfg.runtimes if k.startswith("ort-")):
+            mark(res, k, "failed", note)
     sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
     torch_runners = {k: (torch_runner(model, cfg.device, k == "torch-fp16"), sync) for k in ("torch-fp32", "torch-fp16")
                      if k in cfg.runtimes}
@@ -509,9 +532,7 @@ def run(cfg: GpuBenchConfig) -> Results:
     res = Results(cfg)
     for k in RUNTIMES:
         if k not in cfg.runtimes:
-            for scope in SCOPES:
-                for b in cfg.batches:
-                    res.set(k, scope, b, "skipped", note="not asked (--runtimes)")
+            mark(res, k, "skipped", "not asked (--runtimes)")
 
     def on_term(signum, frame):
         budget.stopped = True

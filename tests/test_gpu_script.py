@@ -122,9 +122,29 @@ def test_config_refuses_bad_values(tmp_path):
     with pytest.raises(gpu_bench.BenchError, match="--device"):
         gpu_bench.GpuBenchConfig(out=tmp_path, device="tpu")
     with pytest.raises(gpu_bench.BenchError, match="--runtimes"):
-        gpu_bench.GpuBenchConfig(out=tmp_path, runtimes=("tensorrt",))
+        gpu_bench.GpuBenchConfig(out=tmp_path, device="cpu", runtimes=("tensorrt",))
     with pytest.raises(gpu_bench.BenchError, match="--run"):
-        gpu_bench.GpuBenchConfig(out=tmp_path, run=tmp_path / "missing")
+        gpu_bench.GpuBenchConfig(out=tmp_path, device="cpu", run=tmp_path / "missing")
+    import torch
+
+    if not torch.cuda.is_available():  # this machine: the GPU default is refused with the way out
+        with pytest.raises(gpu_bench.BenchError, match="--device cpu"):
+            gpu_bench.GpuBenchConfig(out=tmp_path)
+
+
+def test_one_precision_failing_keeps_the_others(tmp_path):
+    """A broken int8 graph fails that column only, with the reason; the other columns are measured."""
+    bad = tmp_path / "int8"
+    for step in contract.ENGINE_STEPS:
+        (bad / step / "1").mkdir(parents=True)
+        (bad / step / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    res = gpu_bench.run(gpu_bench.GpuBenchConfig(out=tmp_path / "out", budget_s=120, int8_repo=bad,
+                                                 **{**FAST, "batches": (1,)}))
+    cells = _json(tmp_path / "out")["cells"]
+    assert res.complete
+    assert all(c["status"] == "measured" for c in cells if c["runtime"] in ("torch-fp32", "torch-fp16", "ort-fp32"))
+    int8 = [c for c in cells if c["runtime"] == "ort-int8"]
+    assert all(c["status"] == "failed" and "ort-int8 setup failed" in c["note"] for c in int8)
 
 
 @pytest.mark.parametrize("script", ["run_device.sh", "served.sh", "stage.sh", "run_tensorrt.sh"])
