@@ -286,6 +286,18 @@ def int8_graphs(cfg: GpuBenchConfig, fp32: dict[str, Path], notes: list[str]) ->
     return out
 
 
+def int8_of_run(cfg: GpuBenchConfig) -> bool:
+    """Whether the int8 repository was exported from ``cfg.run`` (its manifest's checkpoint digest is
+    the run's weights'): only then is its map comparable with the run's."""
+    from promptmad.training.checkpoint import WEIGHTS, sha256_file
+
+    try:
+        manifest = json.loads((cfg.int8_repo / "manifest.json").read_text())
+        return manifest.get("checkpoint_sha256") == sha256_file(cfg.run / WEIGHTS)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def precision_label(graphs: dict[str, Path], base: dict[str, Path]) -> str:
     """Which steps run in the lower precision, e.g. 'reconstructor' or 'all steps'."""
     low = [s for s in graphs if graphs[s] != base[s]]
@@ -557,6 +569,8 @@ def run(cfg: GpuBenchConfig) -> Results:
                     c = res.cells[res.key(key, scope, b)]
                     say(budget, f"{key} {scope} b{b}: {_cell_text(c) or c['status']} {c.get('note', '')}")
                 if maps and "torch-fp32" in maps:
+                    if not int8_of_run(cfg):
+                        maps.pop("ort-int8", None)
                     res.parity.update({k: float(np.abs(v - maps["torch-fp32"]).max()) for k, v in maps.items() if k != "torch-fp32"})
         res.complete = True
     except OutOfTime:

@@ -40,6 +40,7 @@ if [ -n "$RUN" ]; then
   mkdir -p .gpu/run && cp -r "$RUN/config.json" "$RUN/model.safetensors" "$RUN/prompt_images" .gpu/run/
 fi
 if [ -n "$INT8" ]; then
+  mkdir -p .gpu/int8 && cp "$INT8/manifest.json" .gpu/int8/   # its checkpoint digest: is it the carried run's?
   for s in visual_encoder reconstructor segmentor; do
     [ -f "$INT8/$s/1/model.onnx" ] && mkdir -p ".gpu/int8/$s/1" && cp "$INT8/$s/1/model.onnx" ".gpu/int8/$s/1/"
   done
