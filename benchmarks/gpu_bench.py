@@ -1,8 +1,9 @@
 """GPU figures in one command (issue 17, item 5): the engine steps (visual encoder, reconstructor,
 segmentor) and the three chained, at batch 1..64, in PyTorch eager (fp32, fp16 autocast) and ONNX
 Runtime (fp32, mixed fp16, int8 QDQ) on the CUDA execution provider, with warmup and a device sync,
-under a wall-clock budget; the GPU table of benchmarks/README.md (markdown) and every number (JSON)
-are rewritten after each measurement, so a run cut short leaves what it measured.
+under a wall-clock budget; the GPU table of benchmarks/README.md (markdown) and every number (JSON,
+both benchmarks/gpu_table.py) are rewritten after each measurement, so a run cut short leaves what it
+measured.
 
 Every figure is host to host: the batch's tensors start in host memory and the outputs end there (as
 a served step sees them). End to end = frames already resized to the model's size (uint8) in, the map
@@ -19,32 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from promptmad import contract
+from promptmad.benchmarks.gpu_table import (  # noqa: F401 - the table's names, re-exported for the callers
+    DEFAULT_BATCHES,
+    E2E,
+    RESULTS_JSON,
+    RUNTIMES,
+    SCOPES,
+    TABLE_MD,
+    TENSORRT_COLUMN,
+    Results,
+    cell_text,
+    machine_info,
+)
 from promptmad.benchmarks.perf_analyzer import BenchError
 
-E2E = "end_to_end"
-SCOPES = (E2E, *contract.ENGINE_STEPS)
-DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-# key -> column label; the order is the table's and the measuring order within a batch
-RUNTIMES = {
-    "torch-fp32": "PyTorch eager fp32",
-    "torch-fp16": "PyTorch eager fp16 autocast",
-    "ort-fp32": "ONNX Runtime fp32",
-    "ort-fp16": "ONNX Runtime fp16 (mixed)",
-    "ort-int8": "ONNX Runtime int8 QDQ",
-}
-TENSORRT_COLUMN = "TensorRT (NGC container)"  # filled only from a real TensorRT run (gpu/run_tensorrt.sh)
-TABLE_MD, RESULTS_JSON = "gpu_table.md", "gpu_results.json"
 REF_FRAMES = 4  # distinct frames run through PyTorch once for every step's inputs, tiled up to a batch
 
 
@@ -320,117 +319,6 @@ def load_sessions(key: str, graphs: dict[str, Path], base: dict[str, Path], devi
     return sessions
 
 
-# -- results -------------------------------------------------------------------------------------------
-
-@dataclass
-class Results:
-    """Every cell (runtime x scope x batch) from the start, each ``pending`` until measured, skipped or
-    failed; written whole after every cell."""
-
-    cfg: GpuBenchConfig
-    machine: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=lambda: dict(RUNTIMES))
-    parity: dict[str, float] = field(default_factory=dict)
-    cells: dict[str, dict] = field(default_factory=dict)
-    complete: bool = False
-
-    def __post_init__(self) -> None:
-        for r in RUNTIMES:
-            for scope in SCOPES:
-                for b in self.cfg.batches:
-                    self.cells[self.key(r, scope, b)] = {"runtime": r, "scope": scope, "batch": b, "status": "pending"}
-
-    @staticmethod
-    def key(runtime: str, scope: str, batch: int) -> str:
-        return f"{runtime}/{scope}/{batch}"
-
-    def set(self, runtime: str, scope: str, batch: int, status: str, **values) -> None:
-        self.cells[self.key(runtime, scope, batch)].update(status=status, **values)
-
-    def finish_pending(self, status: str, note: str) -> None:
-        for cell in self.cells.values():
-            if cell["status"] == "pending":
-                cell.update(status=status, note=note)
-
-    def write(self) -> None:
-        self.cfg.out.mkdir(parents=True, exist_ok=True)
-        doc = {"complete": self.complete, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()},
-               "machine": self.machine, "labels": self.labels, "notes": self.notes, "parity_max_abs_error": self.parity,
-               "cells": list(self.cells.values())}
-        _atomic(self.cfg.out / RESULTS_JSON, json.dumps(doc, indent=2, default=str))
-        _atomic(self.cfg.out / TABLE_MD, markdown(self))
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _num(v: float) -> str:
-    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
-
-
-def _cell_text(cell: dict) -> str:
-    if cell["status"] == "measured":
-        return f"{_num(cell['img_s'])} ({_num(cell['p50_ms'])} / {_num(cell['p95_ms'])})"
-    return {"pending": "", "skipped": "skipped", "failed": "failed", "unavailable": "n/a"}.get(cell["status"], cell["status"])
-
-
-def markdown(res: Results) -> str:
-    """The GPU table of benchmarks/README.md: machine, end to end and per step; img/s (p50 / p95 ms
-    per batch); the TensorRT column stays empty (filled only from a real TensorRT run)."""
-    m = res.machine
-    head = ["batch", *(res.labels[r] for r in RUNTIMES), TENSORRT_COLUMN]
-    lines = [f"Machine: {m.get('gpu', '?')}, driver {m.get('driver', '?')}, CUDA {m.get('cuda', '?')}, cuDNN {m.get('cudnn', '?')}; "
-             f"torch {m.get('torch', '?')}, onnxruntime {m.get('onnxruntime', '?')} ({m.get('ort_provider', '?')}); "
-             f"CPU {m.get('cpu', '?')} x {m.get('cores', '?')}; {m.get('date', '')}",
-             f"Model: {m.get('model', '?')}; ONNX graphs: {m.get('graphs', '?')}.",
-             "Cells: images/s (latency p50 / p95 in ms per batch), host to host; "
-             + ("complete run." if res.complete else "**partial run** (time budget or stopped): empty cells were not reached."), ""]
-    for scope in SCOPES:
-        title = "End to end (frames at model size in, map out)" if scope == E2E else f"Step {scope}"
-        lines += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-        for b in res.cfg.batches:
-            row = [str(b), *(_cell_text(res.cells[res.key(r, scope, b)]) for r in RUNTIMES), ""]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    if res.parity:
-        lines.append("Max abs difference of the map from PyTorch fp32 (batch 1, same weights): "
-                     + ", ".join(f"{res.labels[k]} {v:.3g}" for k, v in res.parity.items()))
-    lines += [f"- {n}" for n in res.notes]
-    return "\n".join(lines) + "\n"
-
-
-# -- machine ------------------------------------------------------------------------------------------
-
-def machine_info(device: str) -> dict:
-    """GPU, driver, CUDA/cuDNN, torch/onnxruntime versions and providers, CPU; a part that cannot be
-    read says why."""
-    import onnxruntime as ort
-    import torch
-
-    from promptmad.benchmarks.machine import instruction_sets, machine_description
-
-    d = machine_description()
-    info = {"cpu": d["cpu"], "isa": instruction_sets(), "cores": d["cores"], "memory": d["memory"], "python": d["python"],
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "ort_available": ort.get_available_providers(),
-            "ort_provider": ort_providers(device)[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=str(torch.backends.cudnn.version()))
-        try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total,clocks.max.sm,power.limit",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            info["driver"], info["gpu_memory"], info["max_sm_clock"], info["power_limit"] = (
-                [p.strip() for p in q.stdout.splitlines()[0].split(",")] + ["?"] * 4)[:4]
-        except (OSError, subprocess.SubprocessError, IndexError) as exc:
-            info["driver"] = f"unavailable ({exc})"
-    else:
-        info.update(gpu="none (CPU run: plumbing test, no GPU figure)", driver="-", cuda="-", cudnn="-")
-    return info
-
-
 # -- the run ------------------------------------------------------------------------------------------
 
 Runner = tuple[Callable, Callable[[], None]]  # (make(scope, feeds) -> fn, device sync)
@@ -553,7 +441,7 @@ def run(cfg: GpuBenchConfig) -> Results:
     previous = signal.signal(signal.SIGTERM, on_term)
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="promptmad-gpu-bench-"))
     try:
-        res.machine = machine_info(cfg.device)
+        res.machine = machine_info(cfg.device, ort_providers(cfg.device)[0])
         res.write()
         say(budget, f"machine: {res.machine.get('gpu')}, onnxruntime providers {res.machine.get('ort_available')}")
         runners, ref = prepare(cfg, res, work, budget)
@@ -567,7 +455,7 @@ def run(cfg: GpuBenchConfig) -> Results:
                     measure_cell(res, key, runner, scope, b, feeds, budget, maps)
                     res.write()
                     c = res.cells[res.key(key, scope, b)]
-                    say(budget, f"{key} {scope} b{b}: {_cell_text(c) or c['status']} {c.get('note', '')}")
+                    say(budget, f"{key} {scope} b{b}: {cell_text(c) or c['status']} {c.get('note', '')}")
                 if maps and "torch-fp32" in maps:
                     if not int8_of_run(cfg):
                         maps.pop("ort-int8", None)
