@@ -188,3 +188,28 @@ def test_providers_written_into_triton_configs(tmp_path):
     assert json.loads((repo / "manifest.json").read_text())["artifacts_sha256"]  # sealed again
     bad = subprocess.run([*script, "cuda"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "ExecutionProvider" in bad.stderr
+
+
+@pytest.mark.server
+def test_runner_refuses_a_provider_it_does_not_get(tiny_repository, tmp_path):
+    """onnx_runner.py's `providers` parameter reaches ONNX Runtime in a real tritonserver: asking for the
+    CUDA provider where ONNX Runtime has none fails the engine steps at load, naming what was asked for
+    and what is available, instead of serving CPU figures as GPU ones."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from promptmad.benchmarks.gpu_providers import set_providers
+    from promptmad.errors import ServeError
+    from promptmad.export.server import TritonServer
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: nothing to refuse")
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    set_providers(repo, "CUDAExecutionProvider,CPUExecutionProvider")
+    with pytest.raises(ServeError) as err:
+        with TritonServer(repo):
+            pass
+    for step in contract.ENGINE_STEPS:
+        assert f"{step}: providers CUDAExecutionProvider asked for" in str(err.value)
