@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from promptmad import contract
+from promptmad.export.calibration import CALIBRATION_METHODS, QuantizeConfig
+
+QUANTIZE_DEFAULTS = QuantizeConfig()
 
 NGC_COMMAND = (
     "docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models "
@@ -35,6 +38,7 @@ SERVE_DESCRIPTION = (
 def register(subparsers) -> None:
     _register_export(subparsers)
     _register_serve(subparsers)
+    _register_int8_gate(subparsers)
 
 
 def _add_parser(subparsers, name: str, help: str, description: str, epilog: str):
@@ -59,7 +63,66 @@ def _register_export(subparsers) -> None:
                         "so one thread each keeps them from fighting over the cores; 0 = all cores)")
     e.add_argument("--no-fp16", action="store_true", help="tensorrt: build FP32 engines")
     e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
+    q = e.add_argument_group("INT8 (--precision int8)")
+    q.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                   help="fp32 (default) or int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
+                        "calibrated on normal training frames of the run's classes (--data, else the run's training data); "
+                        "a per-block sensitivity sweep keeps in float what moves the map; with --runtime tensorrt, INT8 engines")
+    q.add_argument("--calibration-method", default=QUANTIZE_DEFAULTS.method, choices=CALIBRATION_METHODS,
+                   help="ONNX Runtime calibration method (default: %(default)s)")
+    q.add_argument("--calibration-frames", type=int, default=QUANTIZE_DEFAULTS.frames,
+                   help="normal training frames to calibrate on (default: %(default)s)")
+    q.add_argument("--sweep-frames", type=int, default=QUANTIZE_DEFAULTS.held_frames,
+                   help="further normal training frames the sensitivity sweep measures on (default: %(default)s)")
+    q.add_argument("--map-tolerance", type=float, default=QUANTIZE_DEFAULTS.map_tolerance,
+                   help="RMS change of the served map (normal standard deviations) the INT8 chain may make on the sweep "
+                        "frames; blocks go back to float until it holds (default: %(default)s)")
     e.set_defaults(func=_export)
+
+
+GATE_DESCRIPTION = (
+    "The INT8 quality gate: serve the FP32 and the INT8 repository of one run in turn (a real tritonserver each), "
+    "score the test split of --data with each, and compare `promptmad evaluate`'s mean metrics: P-AUROC and I-AUROC "
+    "may drop by 0.5 points, P-AP and AUPRO by 1 point. With --speed, also the served FPS of both in one run "
+    "(perf_analyzer on the ensemble, rounds alternating). The figures are written into the INT8 repository's "
+    "manifest.json. Exit status 1 when the gate fails."
+)
+
+
+def _register_int8_gate(subparsers) -> None:
+    g = _add_parser(subparsers, "int8-gate", "quality gate (and served speed) of an INT8 repository against its FP32 twin",
+                    GATE_DESCRIPTION, "example:\n  promptmad export --ckpt RUN --out repo_fp32\n"
+                    "  promptmad export --ckpt RUN --out repo_int8 --precision int8\n"
+                    "  promptmad int8-gate --fp32 repo_fp32 --int8 repo_int8 --data data/synth --speed")
+    g.add_argument("--fp32", required=True, help="repository exported with --precision fp32")
+    g.add_argument("--int8", required=True, help="repository exported from the same run with --precision int8")
+    g.add_argument("--data", required=True, help="dataset with a test split of the run's classes")
+    g.add_argument("--classes", nargs="+", help="evaluate these classes only (default: all served)")
+    g.add_argument("--no-quality", action="store_true", help="skip the quality gate (with --speed: speed only)")
+    g.add_argument("--speed", action="store_true", help="also measure served FPS of both repositories in one run")
+    g.add_argument("--concurrency", default="1:4", help="with --speed: perf_analyzer concurrency START:END[:STEP] (default: 1:4)")
+    g.add_argument("--image-size", type=int, default=256, help="with --speed: frame size sent (default: 256)")
+    g.add_argument("--rounds", type=int, default=2, help="with --speed: alternating rounds per repository (default: 2)")
+    g.add_argument("--out", default="int8_gate", help="with --speed: folder for perf_analyzer files (default: int8_gate)")
+    g.add_argument("--no-manifest", action="store_true", help="do not write the figures into the INT8 manifest")
+    g.set_defaults(func=_int8_gate)
+
+
+def _int8_gate(args) -> int:
+    from promptmad.benchmarks.cli import _range
+    from promptmad.export.quality_gate import format_gate, format_speed, quality_gate, speed_comparison
+
+    ok = True
+    if not args.no_quality:
+        doc = quality_gate(args.fp32, args.int8, args.data, classes=args.classes, write_manifest=not args.no_manifest)
+        print(format_gate(doc))
+        ok = doc["pass"]
+    if args.speed:
+        print(format_speed(speed_comparison(args.fp32, args.int8, args.data, args.out, concurrency=_range(args.concurrency),
+                                            size=args.image_size, rounds=args.rounds, write_manifest=not args.no_manifest)))
+    if not args.no_manifest:
+        print(f"figures written into {args.int8}/manifest.json")
+    return 0 if ok else 1
 
 
 def _register_serve(subparsers) -> None:
@@ -86,13 +149,22 @@ def _register_serve(subparsers) -> None:
 def _export(args) -> int:
     from promptmad.export.pipeline import export_run
 
+    quantize = QuantizeConfig(method=args.calibration_method, frames=args.calibration_frames, held_frames=args.sweep_frames,
+                              map_tolerance=args.map_tolerance)
     result = export_run(
         args.ckpt, args.out, runtime=args.runtime, max_batch=args.max_batch, data=args.data, opset=args.opset,
         check_parity=not args.skip_parity, fp16=not args.no_fp16, instance_count=args.instances, ort_threads=args.ort_threads,
+        precision=args.precision, quantize=quantize,
     )
-    print(f"wrote {result.repository} (runtime {args.runtime}, classes {', '.join(result.manifest['classes'])})")
+    print(f"wrote {result.repository} (runtime {args.runtime}, {args.precision}, classes {', '.join(result.manifest['classes'])})")
     if result.parity:
         print("parity vs PyTorch (max abs error): " + ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items()))
+    q = result.manifest.get("quantization")
+    if q:
+        kept = {s: sorted(b) for s, b in q["excluded"].items() if b}
+        print(f"INT8: {q['calibration_frames']} calibration frames ({q['config']['method']}), kept float: {kept or 'nothing'}, "
+              f"map RMS vs fp32 on {q['held_frames']} sweep frames {q['chain_map_rms']:.3g} (sweep {q['sweep_seconds']:.0f} s)")
+        print(f"quality gate: promptmad int8-gate --fp32 FP32_REPO --int8 {args.out} --data DATA")
     if args.runtime == "python-ort":
         print(f"next: promptmad serve --repo {args.out}")
     else:

@@ -6,12 +6,16 @@
 2. ONNX graphs with a dynamic batch axis for the visual encoder, the reconstructor and the
    segmentor (10 diffusion steps unrolled); every op checked against ONNX-TensorRT's list.
 3. Parity of every graph against PyTorch on real frames (Polygraphy's ONNX Runtime runner).
-4. Runtime `tensorrt`: engines built and compared against ONNX Runtime (GPU + TensorRT only).
+3b. Precision `int8`: static QDQ quantization of the three graphs, calibrated on normal training frames,
+   what stays float decided by a sensitivity sweep (export/quantize.py), parity with int8 tolerances.
+4. Runtime `tensorrt`: engines built and compared against ONNX Runtime (GPU + TensorRT only; INT8
+   engines from the QDQ graphs under `int8`).
 5. The repository (configs through Triton's protobuf schema) and a manifest with checksums.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -24,9 +28,12 @@ import numpy as np
 
 from promptmad import __version__, contract
 from promptmad.errors import ExportError
+from promptmad.export.calibration import QuantizeConfig, resolve_activation_type
 from promptmad.export.manifest import MANIFEST
+from promptmad.export.quantize import INT8_PARITY_TOLERANCES
 from promptmad.export.onnx_export import (
     check_ops,
+    PARITY_TOLERANCES,
     check_parity as run_parity_check,
     export_graph,
     prompt_tables,
@@ -38,6 +45,8 @@ from promptmad.export.repository import RepositorySpec, write_repository
 from promptmad.training.checkpoint import load_model, probe_writable, sha256_file
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
 
 
 @dataclass
@@ -77,10 +86,16 @@ def _prompt_images(run_dir: Path, info, image_size: int) -> tuple[np.ndarray, np
     return np.stack([resize_rgb(read_rgb(p), image_size) for p in paths]), np.arange(len(paths))
 
 
-def _check_options(runtime: str, max_batch: int, opset: int) -> None:
+def _check_options(runtime: str, max_batch: int, opset: int, precision: str = "fp32",
+                   quantize: QuantizeConfig | None = None) -> None:
     """Refuses bad options before any work."""
     if runtime not in contract.RUNTIMES:
         raise ExportError(f"--runtime {runtime!r}: choose one of {', '.join(contract.RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and runtime == "tensorrt" and quantize is not None and quantize.activation_type not in ("auto", "int8"):
+        raise ExportError(f"--runtime tensorrt --precision int8 needs symmetric int8 activations (activation_type "
+                          f"{quantize.activation_type!r}): TensorRT's explicit quantization takes INT8 Q/DQ only")
     if not 1 <= max_batch <= 256:
         raise ExportError(f"--max-batch {max_batch}: must be between 1 and 256")
     if opset < 17:
@@ -110,23 +125,57 @@ def _export_graphs(model, staging: Path, reference: dict[str, np.ndarray], *, op
 
 
 def _build_engines(onnx_paths: dict[str, Path], staging: Path, shapes: dict[str, tuple[int, ...]],
-                   reference: dict[str, np.ndarray], *, max_batch: int, fp16: bool) -> tuple[dict[str, Path], dict[str, str]]:
+                   reference: dict[str, np.ndarray], *, max_batch: int, fp16: bool, int8: bool = False
+                   ) -> tuple[dict[str, Path], dict[str, str]]:
     """TensorRT engine of every graph, each compared with ONNX Runtime; returns the plans and the
-    TensorRT/GPU description for the manifest."""
-    from promptmad.export.tensorrt import FP16_STEPS, build_engine, compare_engine, tensorrt_info
+    TensorRT/GPU description for the manifest. `int8`: the graphs are QDQ, built as INT8 engines."""
+    from promptmad.export.tensorrt import FP16_STEPS, INT8_TRT_TOLERANCES, TRT_TOLERANCES, build_engine, compare_engine, tensorrt_info
 
     cache = staging / "timing.cache"  # shared by the engines: faster rebuilds
     plans = {}
     for step, path in onnx_paths.items():
         names = contract.STEPS[step].input_names
         plans[step] = build_engine(path, staging / f"{step}.plan", input_shapes={n: shapes[n] for n in names},
-                                   max_batch=max_batch, fp16=fp16 and step in FP16_STEPS, timing_cache=cache)
-        compare_engine(plans[step], path, [{n: reference[n] for n in names}])
+                                   max_batch=max_batch, fp16=fp16 and step in FP16_STEPS, int8=int8, timing_cache=cache)
+        compare_engine(plans[step], path, [{n: reference[n] for n in names}],
+                       tolerances=INT8_TRT_TOLERANCES if int8 else TRT_TOLERANCES)
     return plans, tensorrt_info()
 
 
+def _quantize(model, info, onnx_paths: dict[str, Path], tables: dict[str, np.ndarray], staging: Path, *,
+              data, cfg: QuantizeConfig, runtime: str) -> tuple[dict[str, Path], dict]:
+    """INT8 QDQ graphs of the engine steps (export/quantize.py), checked for ONNX-TensorRT like the fp32
+    ones; returns them and the quantization record for the manifest."""
+    from promptmad.export.calibration import calibration_frames, split, training_data
+    from promptmad.export.quantize import check_tensorrt_qdq, quantize_steps
+
+    frames, ids = calibration_frames(info, training_data(info, data), model.cfg.image_size, cfg.frames + cfg.held_frames)
+    tensors = _chain_tensors(model, frames, ids, tables)
+    calib, held = split(tensors, cfg.frames)
+    paths, decision = quantize_steps(onnx_paths, calib, held, cfg, staging / "int8")
+    for step, path in paths.items():
+        bad = check_ops(path)
+        try:
+            check_tensorrt_qdq(path)
+        except ExportError as exc:
+            bad = [*bad, str(exc)]
+        if bad:
+            msg = f"INT8 {step}.onnx is not TensorRT explicit-quantization input: {bad}"
+            if runtime == "tensorrt":
+                raise ExportError(msg)
+            log.warning("%s (fine for %s, a problem for --runtime tensorrt)", msg, runtime)
+    return paths, decision.to_dict()
+
+
+def _chain_tensors(model, frames: np.ndarray, ids: np.ndarray, tables: dict[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
+    """reference_outputs in batches (the segmentor's distance matrix is [B, P, K]: keep B small)."""
+    parts = [reference_outputs(model, frames[i:i + batch], ids[i:i + batch], tables) for i in range(0, len(frames), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch: int,
-              parity: dict[str, float], trt_meta: dict[str, str]) -> dict:
+              parity: dict[str, float], trt_meta: dict[str, str], precision: str = "fp32", quantization: dict | None = None,
+              parity_fp32: dict[str, float] | None = None) -> dict:
     """What was exported from what (manifest.json; the artifact checksums are added when sealed)."""
     cfg = model.cfg
     return {
@@ -150,7 +199,12 @@ def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch
         "runtime": runtime,
         "max_batch": max_batch,
         "onnx_tensorrt_op_table": tensorrt_op_table()["source"],
+        "precision": precision,
         "parity_max_abs_error": parity,
+        # the tolerances the served graphs passed (int8: looser, stated in export/quantize.py)
+        "parity_tolerances": {k: {"atol": t.atol, "rtol": t.rtol} for k, t in
+                              (INT8_PARITY_TOLERANCES if precision == "int8" else PARITY_TOLERANCES).items()},
+        **({"parity_fp32_graphs_max_abs_error": parity_fp32, "quantization": quantization} if precision == "int8" else {}),
         **trt_meta,
     }
 
@@ -167,10 +221,16 @@ def export_run(
     fp16: bool = True,
     instance_count: int | None = None,
     ort_threads: int = 1,
+    precision: str = "fp32",
+    quantize: QuantizeConfig | None = None,
 ) -> ExportResult:
     """Exports a run to a Triton model repository at `out_dir` (replaced atomically). `runtime` is
-    one of contract.RUNTIMES; the parity frames come from `data` or else the run's prompt images."""
-    _check_options(runtime, max_batch, opset)
+    one of contract.RUNTIMES; the parity frames come from `data` or else the run's prompt images.
+    `precision` "int8": QDQ graphs calibrated (`quantize`, default QuantizeConfig()) on the normal
+    training frames of `data`, else of the run's training data."""
+    quantize = quantize or QuantizeConfig()
+    _check_options(runtime, max_batch, opset, precision, quantize)
+    quantize = dataclasses.replace(quantize, activation_type=resolve_activation_type(quantize.activation_type, runtime))
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     # the repository is staged beside --out and swapped in: its parent must be writable
     probe_writable(out_dir.resolve().parent, error=ExportError, flag="--out")
@@ -186,14 +246,20 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix="promptmad-export-"))  # scratch; the repository itself is staged beside --out
     try:
         onnx_paths, unsupported = _export_graphs(model, staging, reference, opset=opset, runtime=runtime)
-        parity = run_parity_check(onnx_paths, reference) if check_parity else {}
-        artifacts, trt_meta = dict(onnx_paths), {}
+        parity = parity_fp32 = run_parity_check(onnx_paths, reference) if check_parity else {}
+        graphs, quantization = dict(onnx_paths), None
+        if precision == "int8":
+            graphs, quantization = _quantize(model, info, onnx_paths, tables, staging, data=data, cfg=quantize, runtime=runtime)
+            parity = run_parity_check(graphs, reference, INT8_PARITY_TOLERANCES) if check_parity else {}
+        artifacts, trt_meta = dict(graphs), {}
         if runtime == "tensorrt":
-            artifacts, trt_meta = _build_engines(onnx_paths, staging, spec.tensor_shapes, reference, max_batch=max_batch, fp16=fp16)
-        manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity, trt_meta=trt_meta)
+            artifacts, trt_meta = _build_engines(graphs, staging, spec.tensor_shapes, reference, max_batch=max_batch, fp16=fp16,
+                                                 int8=precision == "int8")
+        manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity,
+                             trt_meta=trt_meta, precision=precision, quantization=quantization, parity_fp32=parity_fp32)
         repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("exported %s -> %s (runtime %s)", run_dir, repo, runtime)
+    log.info("exported %s -> %s (runtime %s, %s)", run_dir, repo, runtime, precision)
     return ExportResult(repository=repo, manifest=manifest, parity=parity, unsupported_ops=unsupported)

@@ -5,6 +5,10 @@
   numerically fragile ops (LayerNorm, Softmax, normalisation statistics, exp/erf/pow/sqrt, the
   final sigmoid/score), which stay FP32; with a strongly typed network TensorRT keeps exactly
   those types instead of choosing per layer.
+- INT8 (`promptmad export --precision int8`): the QDQ graphs of export/quantize.py are TensorRT's
+  explicit-quantization input. The network is weakly typed with BuilderFlag.INT8 (the Q/DQ scales
+  decide what runs in int8; no calibrator) and FP16 as the fallback for the rest where the step allows
+  FP16 (FP16_STEPS); the other steps fall back to FP32.
 - One optimisation profile per engine: batch 1 .. max_batch (opt = max_batch // 2 or 1), the
   per-item shape fixed by the model's image size.
 - A timing cache shared by the three engines speeds up rebuilds.
@@ -47,6 +51,10 @@ FP16_STEPS = (contract.RECONSTRUCTOR.name,)
 
 # TensorRT FP16 vs ONNX Runtime FP32: half precision on features; map/score as probabilities.
 TRT_TOLERANCES = {"default": (5e-2, 5e-2), contract.ANOMALY_MAP_MODEL.name: (2e-2, 0.0), contract.ANOMALY_SCORE.name: (2e-2, 0.0)}
+# TensorRT INT8 vs ONNX Runtime on the same QDQ graph: both quantize with the graph's scales, but round,
+# fuse and accumulate differently (a value on a rounding edge moves one int8 step, and the step after it
+# sees that); features within 10% of their peak, the map (normal standard deviations) within one unit.
+INT8_TRT_TOLERANCES = {"default": (0.0, 0.1), contract.ANOMALY_MAP_MODEL.name: (1.0, 0.0), contract.ANOMALY_SCORE.name: (1.0, 0.0)}
 
 
 def require_tensorrt():
@@ -113,25 +121,28 @@ def build_engine(
     input_shapes: dict[str, tuple[int, ...]],
     max_batch: int,
     fp16: bool = True,
+    int8: bool = False,
     timing_cache: Path | None = None,
     workspace_bytes: int = 4 << 30,
 ) -> Path:
-    """Builds and serialises one engine with Polygraphy's TensorRT API."""
+    """Builds and serialises one engine with Polygraphy's TensorRT API. `int8`: `onnx_path` is a QDQ
+    graph, built with BuilderFlag.INT8 (and FP16 fallback when `fp16`)."""
     trt = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
 
-    source = onnx_path
-    if fp16:
-        source = convert_to_mixed_fp16(onnx_path, plan_path.with_suffix(".fp16.onnx"))
     profile = Profile()
     for name, (lo, opt, hi) in optimization_profile(input_shapes, max_batch).items():
         profile.add(name, min=lo, opt=opt, max=hi)
-    network = network_from_onnx_path(str(source), strongly_typed=True)
-    config = CreateConfig(
-        profiles=[profile],
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_bytes},
-        load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
-    )
+    limits = {"profiles": [profile], "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: workspace_bytes},
+              "load_timing_cache": str(timing_cache) if timing_cache and timing_cache.exists() else None}
+    if int8:
+        # explicit quantization: weakly typed, the Q/DQ nodes place int8; the flags allow the rest
+        network = network_from_onnx_path(str(onnx_path), strongly_typed=False)
+        config = CreateConfig(int8=True, fp16=fp16, **limits)
+    else:
+        source = convert_to_mixed_fp16(onnx_path, plan_path.with_suffix(".fp16.onnx")) if fp16 else onnx_path
+        network = network_from_onnx_path(str(source), strongly_typed=True)
+        config = CreateConfig(**limits)
     engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     save_engine(engine, str(plan_path))
@@ -139,8 +150,10 @@ def build_engine(
     return plan_path
 
 
-def compare_engine(plan_path: Path, onnx_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """`polygraphy run --trt --onnxrt`: the engine against fp32 ONNX Runtime on real inputs."""
+def compare_engine(plan_path: Path, onnx_path: Path, feeds: list[dict[str, np.ndarray]],
+                   tolerances: dict[str, tuple[float, float]] = TRT_TOLERANCES) -> dict[str, float]:
+    """`polygraphy run --trt --onnxrt`: the engine against ONNX Runtime running its graph on real inputs
+    (fp32, or the QDQ graph of an INT8 engine with INT8_TRT_TOLERANCES)."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -152,13 +165,14 @@ def compare_engine(plan_path: Path, onnx_path: Path, feeds: list[dict[str, np.nd
             for name, ref in b.items():
                 got = np.asarray(a[name], dtype=np.float32)
                 ref = np.asarray(ref, dtype=np.float32)
-                atol, rtol = TRT_TOLERANCES.get(name, TRT_TOLERANCES["default"])
+                atol, rtol = tolerances.get(name, tolerances["default"])
                 err = float(np.abs(got - ref).max())
                 worst[name] = max(err, worst.get(name, 0.0))
                 if err > atol + rtol * float(np.abs(ref).max()):
                     raise ExportError(
                         f"TensorRT engine {plan_path.name}: output {name!r} differs from ONNX Runtime by {err:.3g} "
-                        f"(tolerance atol={atol} rtol={rtol}); engine rejected. Try --no-fp16."
+                        f"(tolerance atol={atol} rtol={rtol}); engine rejected. Try --no-fp16"
+                        + (" or --precision fp32." if tolerances is not TRT_TOLERANCES else ".")
                     )
     return worst
 

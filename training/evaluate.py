@@ -71,6 +71,17 @@ def _write(out: Path, rows: dict, pred: dict[str, np.ndarray], info, overlays_pe
     log.info("wrote %s/metrics.{csv,json,md} and overlays/", out)
 
 
+def metric_rows(pred: dict[str, np.ndarray], classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{class: metrics, "mean": ...} of predictions in _predict's layout (also the served repository's,
+    export/quality_gate.py)."""
+    rows: dict[str, dict[str, float]] = {}
+    for c in classes:
+        sel = pred["class"] == c
+        rows[c] = compute_metrics(pred["label"][sel], pred["score"][sel], pred["mask"][sel], pred["map"][sel])
+    rows["mean"] = {k: float(np.nanmean([rows[c][k] for c in classes])) for k in METRIC_NAMES}
+    return rows
+
+
 def evaluate(
     run_dir: str | Path,
     data: str | Path,
@@ -92,11 +103,7 @@ def evaluate(
     samples = load_samples(data, split="test", classes=wanted, layout=layout)
     dataset = TestDataset(samples, {c: i for i, c in enumerate(info.classes)}, info.arch.image_size)
     pred = _predict(model, dataset, info.classes, batch_size, device)
-    rows: dict[str, dict[str, float]] = {}
-    for c in wanted:
-        sel = pred["class"] == c
-        rows[c] = compute_metrics(pred["label"][sel], pred["score"][sel], pred["mask"][sel], pred["map"][sel])
-    rows["mean"] = {k: float(np.nanmean([rows[c][k] for c in wanted])) for k in METRIC_NAMES}
+    rows = metric_rows(pred, wanted)
     if out is not None:
         _write(Path(out), rows, pred, info, overlays_per_class, {"run": str(run_dir), "data": str(data)})
     return rows
