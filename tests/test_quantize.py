@@ -116,6 +116,7 @@ def test_manifest_records_parity_and_decisions(int8_repository):
     assert m["parity_tolerances"] == {k: {"atol": t.atol, "rtol": t.rtol} for k, t in INT8_PARITY_TOLERANCES.items()}
     q = m["quantization"]
     assert q["format"] == "QDQ" and q["config"]["method"] == TEST_CONFIG.method
+    assert q["activations"] == "uint8 asymmetric"  # "auto" on a CPU runtime: what ORT's x86 kernels fuse
     assert q["calibration_frames"] == TEST_CONFIG.frames and q["held_frames"] == TEST_CONFIG.held_frames
     assert set(q["block_map_rms"]) == set(contract.ENGINE_STEPS)
     assert set(q["excluded"]) == set(q["excluded_nodes"]) == set(contract.ENGINE_STEPS)
@@ -144,6 +145,14 @@ def test_calibration_frames_are_normal_training_frames_of_every_class(tiny_run, 
     assert sorted(set(ids.tolist())) == list(range(len(info.classes)))  # spread over the classes
     with pytest.raises(ExportError, match="normal training frames"):
         calibration_frames(info, tiny_dataset, 64, 10_000)
+
+
+def test_auto_activation_type_per_runtime():
+    from promptmad.export.calibration import resolve_activation_type
+
+    assert resolve_activation_type("auto", "tensorrt") == "int8"
+    assert resolve_activation_type("auto", "python-ort") == resolve_activation_type("auto", "onnxruntime") == "uint8"
+    assert resolve_activation_type("int8", "python-ort") == "int8"
 
 
 def test_tensorrt_refuses_asymmetric_activations(step_graph):
