@@ -131,6 +131,7 @@ def fused_config(stage: Path, instances: int):
     """The fused step's config: the exported segmentor's (backend, runner parameters, batching) with the
     contract's inputs and outputs as the engine steps declared them, `instances` instances and a zero
     warm-up batch of its own inputs."""
+    from promptmad.export.repository import add_zero_warmup
     from promptmad.export.repository_edit import read_config
 
     sources = {s.name: read_config(stage / s.name / "config.pbtxt") for s in contract.FUSED_FROM}
@@ -143,13 +144,7 @@ def fused_config(stage: Path, instances: int):
     cfg.input.extend(declared_in[n] for n in FUSED.input_names)
     cfg.output.extend(declared_out[n] for n in FUSED.output_names)
     cfg.instance_group[0].count = instances
-    warm = cfg.model_warmup.add()
-    warm.name, warm.batch_size = "zeros", 1
-    for t in cfg.input:
-        inp = warm.inputs[t.name]
-        inp.data_type = t.data_type
-        inp.dims.extend(t.dims)
-        inp.zero_data = True
+    add_zero_warmup(cfg)
     return cfg
 
 

@@ -145,7 +145,11 @@ def _set_engine_runtime(cfg, spec: RepositorySpec) -> None:
     group.count = spec.instance_count or default_instances(spec.runtime).get(cfg.name, 1)
     gpu = spec.runtime in ("tensorrt", "onnxruntime")
     group.kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
-    # warm the engine up with one zero batch before the model reports READY
+    add_zero_warmup(cfg)
+
+
+def add_zero_warmup(cfg) -> None:
+    """Warm the engine up with one zero batch of its inputs before the model reports READY."""
     warm = cfg.model_warmup.add()
     warm.name, warm.batch_size = "zeros", 1
     for t in cfg.input:

@@ -47,3 +47,17 @@ def infer_score_http(http_url: str, h: int = 48, w: int = 64):
     inputs[0].set_data_from_numpy(img)
     inputs[1].set_data_from_numpy(cid)
     return client.infer(contract.MODEL_NAME, inputs).as_numpy(contract.ANOMALY_SCORE.name)
+
+
+def infer(client, model: str, tensors):
+    """One request through the http or grpc module's client: tensors are (name, array, dtype)."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
+    inputs = []
+    for name, arr, dtype in tensors:
+        i = module.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr)
+        inputs.append(i)
+    return client.infer(model, inputs)

@@ -148,10 +148,9 @@ def test_fp16_engines_only_where_the_mixed_graph_holds(exported, tmp_path, step)
         assert np.abs(got - ref[name]).max() < atol + rtol * np.abs(ref[name]).max(), name
 
 
-def test_engine_build_path_with_tensorrt_mocked(exported, tmp_path, monkeypatch):
-    """TensorRT cannot be installed here: mock it and Polygraphy's TensorRT loaders, and check what
-    build_engine asks for (strongly typed network from the mixed-FP16 graph, profile 1..max_batch,
-    workspace limit, shared timing cache, serialised plan)."""
+def mock_tensorrt(monkeypatch) -> dict:
+    """TensorRT and Polygraphy's TensorRT loaders mocked (TensorRT cannot be installed here); returns the
+    dict in which the mocks record what a build asked for (onnx, typed, config, cache)."""
     import sys
     import types
 
@@ -165,6 +164,14 @@ def test_engine_build_path_with_tensorrt_mocked(exported, tmp_path, monkeypatch)
     monkeypatch.setattr(ptrt, "CreateConfig", lambda **kw: calls.update(config=kw) or "cfg")
     monkeypatch.setattr(ptrt, "engine_from_network", lambda net, config=None, save_timing_cache=None: calls.update(cache=save_timing_cache) or b"engine")
     monkeypatch.setattr(ptrt, "save_engine", lambda engine, path: Path(path).write_bytes(engine))
+    return calls
+
+
+def test_engine_build_path_with_tensorrt_mocked(exported, tmp_path, monkeypatch):
+    """TensorRT cannot be installed here: mock it and Polygraphy's TensorRT loaders, and check what
+    build_engine asks for (strongly typed network from the mixed-FP16 graph, profile 1..max_batch,
+    workspace limit, shared timing cache, serialised plan)."""
+    calls = mock_tensorrt(monkeypatch)
     m, _, paths = exported
     shapes = step_tensor_shapes(m)
     plan = trt_mod.build_engine(paths["reconstructor"], tmp_path / "reconstructor.plan",

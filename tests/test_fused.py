@@ -26,6 +26,7 @@ from promptmad.export.repository import validate_repository
 from promptmad.export.repository_edit import read_config
 from promptmad.export.server import TritonServer
 from tests.conftest import TINY_CLASSES
+from tests.helpers import infer as _infer
 from tests.helpers import png_bytes
 
 SCORE, MAP = contract.ANOMALY_SCORE.name, contract.ANOMALY_MAP.name
@@ -136,14 +137,6 @@ def _client(url: str, protocol: str):
     return (httpclient if protocol == "http" else grpcclient).InferenceServerClient(url)
 
 
-def _infer(client, model: str, tensors):
-    module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
-    inputs = []
-    for name, arr, dtype in tensors:
-        i = module.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        inputs.append(i)
-    return client.infer(model, inputs)
 
 
 def _request(model: str, img: np.ndarray, cid: int):

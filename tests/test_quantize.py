@@ -13,7 +13,7 @@ import pytest
 
 from promptmad import contract
 from promptmad.errors import ConfigError, ExportError
-from promptmad.export.calibration import QuantizeConfig, calibration_frames, make_reader, step_feeds
+from promptmad.export.calibration import QuantizeConfig, calibration_frames, step_feeds
 from promptmad.export.quantize import (
     INT8_PARITY_TOLERANCES,
     QDQ_OPS,
@@ -174,24 +174,12 @@ def test_tensorrt_refuses_asymmetric_activations(step_graph):
 def test_tensorrt_int8_engine_sets_the_int8_flag(step_graph, tmp_path, monkeypatch):
     """TensorRT cannot be installed here: mock it and Polygraphy's loaders (as test_export_onnx does)
     and check that an INT8 build parses the QDQ graph itself, weakly typed, with INT8 (+ FP16) flags."""
-    import sys
-    import types
-
-    import polygraphy.backend.trt as ptrt
-    import torch
-
     from promptmad.export import tensorrt as trt_mod
     from promptmad.export.onnx_export import step_tensor_shapes
+    from tests.test_export_onnx import mock_tensorrt
     from tests.test_model import tiny_model
 
-    fake_trt = types.SimpleNamespace(__version__="10.5.0", MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    calls = {}
-    monkeypatch.setattr(ptrt, "network_from_onnx_path", lambda path, strongly_typed=False: calls.update(onnx=path, typed=strongly_typed) or "net")
-    monkeypatch.setattr(ptrt, "CreateConfig", lambda **kw: calls.update(config=kw) or "cfg")
-    monkeypatch.setattr(ptrt, "engine_from_network", lambda net, config=None, save_timing_cache=None: b"engine")
-    monkeypatch.setattr(ptrt, "save_engine", lambda engine, path: Path(path).write_bytes(engine))
+    calls = mock_tensorrt(monkeypatch)
     path, ref, d = step_graph
     qdq = quantize_graph(path, d / "trt.onnx", QuantizeConfig(frames=4, held_frames=1, activation_type="int8"), cache=d / "trt.ranges.json",
                          feeds=step_feeds(ref, "reconstructor"))

@@ -21,21 +21,13 @@ from promptmad import contract
 from promptmad.benchmarks.memory import group_memory_mib
 from promptmad.export.server import TritonServer
 from tests.helpers import frame
+from tests.helpers import infer as _infer
 
 pytestmark = pytest.mark.server
 RAW, ENCODED = contract.MODEL_NAME, contract.ENCODED_MODEL_NAME
 SCORE, MAP = contract.ANOMALY_SCORE.name, contract.ANOMALY_MAP.name
 
 
-def _infer(client, model, tensors):
-    """One request through the http or grpc module's client: tensors are (name, array, dtype)."""
-    module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
-    inputs = []
-    for name, arr, dtype in tensors:
-        i = module.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        inputs.append(i)
-    return client.infer(model, inputs)
 
 
 def _raw(images, class_id=0):
