@@ -63,6 +63,10 @@ def _register_export(subparsers) -> None:
                         "so one thread each keeps them from fighting over the cores; 0 = all cores)")
     e.add_argument("--no-fp16", action="store_true", help="tensorrt: build FP32 engines")
     e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
+    e.add_argument("--layout", default=contract.LAYOUTS[0], choices=contract.LAYOUTS,
+                   help="python-ort: 'fused' serves the encoder, reconstructor and segmentor as one merged ONNX graph (4 "
+                        "hops instead of 6; measured 1.28x the step layout's best FPS on a 2-core CPU, benchmarks/README.md); "
+                        "clients cannot tell (default: %(default)s)")
     q = e.add_argument_group("INT8 (--precision int8)")
     q.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
                    help="fp32 (default) or int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
@@ -154,7 +158,7 @@ def _export(args) -> int:
     result = export_run(
         args.ckpt, args.out, runtime=args.runtime, max_batch=args.max_batch, data=args.data, opset=args.opset,
         check_parity=not args.skip_parity, fp16=not args.no_fp16, instance_count=args.instances, ort_threads=args.ort_threads,
-        precision=args.precision, quantize=quantize,
+        precision=args.precision, quantize=quantize, layout=args.layout,
     )
     print(f"wrote {result.repository} (runtime {args.runtime}, {args.precision}, classes {', '.join(result.manifest['classes'])})")
     if result.parity:

@@ -86,6 +86,14 @@ def _prompt_images(run_dir: Path, info, image_size: int) -> tuple[np.ndarray, np
     return np.stack([resize_rgb(read_rgb(p), image_size) for p in paths]), np.arange(len(paths))
 
 
+def _check_layout(layout: str, runtime: str) -> None:
+    if layout not in contract.LAYOUTS:
+        raise ExportError(f"--layout {layout!r}: choose one of {', '.join(contract.LAYOUTS)}")
+    if layout != contract.LAYOUTS[0] and runtime != "python-ort":
+        raise ExportError(f"--layout {layout} is for --runtime python-ort (the CPU server); the GPU runtimes keep the "
+                          "ensemble of engines: drop --layout")
+
+
 def _check_options(runtime: str, max_batch: int, opset: int, precision: str = "fp32",
                    quantize: QuantizeConfig | None = None) -> None:
     """Refuses bad options before any work."""
@@ -223,12 +231,15 @@ def export_run(
     ort_threads: int = 1,
     precision: str = "fp32",
     quantize: QuantizeConfig | None = None,
+    layout: str = contract.LAYOUTS[0],
 ) -> ExportResult:
     """Exports a run to a Triton model repository at `out_dir` (replaced atomically). `runtime` is
     one of contract.RUNTIMES; the parity frames come from `data` or else the run's prompt images.
     `precision` "int8": QDQ graphs calibrated (`quantize`, default QuantizeConfig()) on the normal
-    training frames of `data`, else of the run's training data."""
+    training frames of `data`, else of the run's training data. `layout` "fused": the three engine graphs
+    merged into one step (export/fused.py; python-ort only), measured faster on CPU (benchmarks/README.md)."""
     quantize = quantize or QuantizeConfig()
+    _check_layout(layout, runtime)
     _check_options(runtime, max_batch, opset, precision, quantize)
     quantize = dataclasses.replace(quantize, activation_type=resolve_activation_type(quantize.activation_type, runtime))
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -259,6 +270,10 @@ def export_run(
                              trt_meta=trt_meta, precision=precision, quantization=quantization, parity_fp32=parity_fp32)
         repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
+        if layout != contract.LAYOUTS[0]:  # a second atomic swap: the step layout in between is a valid repository
+            from promptmad.export.fused import fuse_repository
+
+            manifest = fuse_repository(repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s, %s)", run_dir, repo, runtime, precision)

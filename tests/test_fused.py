@@ -221,3 +221,17 @@ def test_only_python_ort_repositories_are_fused(tiny_repository, tmp_path):
     with pytest.raises(ExportError, match="runtime 'tensorrt': only python-ort"):
         fuse_stage(repo, json.loads((repo / "manifest.json").read_text()))
     assert not (repo / contract.FUSED_ENGINE.name).exists()
+
+
+def test_export_layout_fused_writes_a_sealed_fused_repository(tiny_run, tmp_path):
+    """`promptmad export --layout fused`: the python-ort export, then fused in place; refused for the GPU
+    runtimes (they keep the ensemble of engines) before any work."""
+    from promptmad.export.pipeline import export_run
+
+    with pytest.raises(ExportError, match="--layout fused is for --runtime python-ort"):
+        export_run(tiny_run, tmp_path / "ort", runtime="onnxruntime", layout="fused")
+    assert not (tmp_path / "ort").exists()
+    result = export_run(tiny_run, tmp_path / "repo", layout="fused", check_parity=False)
+    validate_repository(result.repository)
+    assert layout(result.repository) == "fused" and verify_repository_checksums(result.repository)["layout"] == "fused"
+    assert result.manifest["layout"] == "fused"
