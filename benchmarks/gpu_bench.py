@@ -235,8 +235,9 @@ def ort_runner(sessions: dict):
 
 def has_qdq(path: Path) -> bool:
     from promptmad.export.onnx_export import graph_ops
+    from promptmad.export.quantize import QDQ_OPS
 
-    return "QuantizeLinear" in graph_ops(path)
+    return QDQ_OPS[0] in graph_ops(path)
 
 
 def fp32_graphs(cfg: GpuBenchConfig, model, ref: dict, work: Path) -> tuple[dict[str, Path], str]:
