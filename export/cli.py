@@ -63,10 +63,14 @@ def _register_export(subparsers) -> None:
                         "so one thread each keeps them from fighting over the cores; 0 = all cores)")
     e.add_argument("--no-fp16", action="store_true", help="tensorrt: build FP32 engines")
     e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
-    e.add_argument("--layout", default=contract.LAYOUTS[0], choices=contract.LAYOUTS,
-                   help="python-ort: 'fused' serves the encoder, reconstructor and segmentor as one merged ONNX graph (4 "
-                        "hops instead of 6; measured 1.28x the step layout's best FPS on a 2-core CPU, benchmarks/README.md); "
-                        "clients cannot tell (default: %(default)s)")
+    e.add_argument("--layout", choices=contract.LAYOUTS,
+                   help="'fused' serves the encoder, reconstructor and segmentor as one merged ONNX graph (4 hops instead "
+                        "of 6; python-ort only; measured the fastest on a 2-core CPU, benchmarks/README.md); 'steps' serves "
+                        "them as three models (per-step statistics and instances); clients cannot tell "
+                        "(default: fused for python-ort, steps for the GPU runtimes)")
+    e.add_argument("--dynamic-batching", choices=("on", "off"),
+                   help="Triton's dynamic batcher on every step (default: off for python-ort, where batched frames run no "
+                        "faster than one after the other; on for the GPU runtimes)")
     q = e.add_argument_group("INT8 (--precision int8)")
     q.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
                    help="fp32 (default) or int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
@@ -159,8 +163,10 @@ def _export(args) -> int:
         args.ckpt, args.out, runtime=args.runtime, max_batch=args.max_batch, data=args.data, opset=args.opset,
         check_parity=not args.skip_parity, fp16=not args.no_fp16, instance_count=args.instances, ort_threads=args.ort_threads,
         precision=args.precision, quantize=quantize, layout=args.layout,
+        dynamic_batching=None if args.dynamic_batching is None else args.dynamic_batching == "on",
     )
-    print(f"wrote {result.repository} (runtime {args.runtime}, {args.precision}, classes {', '.join(result.manifest['classes'])})")
+    print(f"wrote {result.repository} (runtime {args.runtime}, {args.precision}, layout {result.manifest['layout']}, "
+          f"dynamic batching {'on' if result.manifest['dynamic_batching'] else 'off'}, classes {', '.join(result.manifest['classes'])})")
     if result.parity:
         print("parity vs PyTorch (max abs error): " + ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items()))
     q = result.manifest.get("quantization")

@@ -86,6 +86,12 @@ def _prompt_images(run_dir: Path, info, image_size: int) -> tuple[np.ndarray, np
     return np.stack([resize_rgb(read_rgb(p), image_size) for p in paths]), np.arange(len(paths))
 
 
+def default_layout(runtime: str) -> str:
+    """The CPU server gets the fused layout (one merged engine step: 4 hops a frame instead of 6, measured
+    the fastest variant on CPU, benchmarks/README.md); the GPU runtimes keep the ensemble of engines."""
+    return contract.LAYOUTS[1] if runtime == "python-ort" else contract.LAYOUTS[0]
+
+
 def _check_layout(layout: str, runtime: str) -> None:
     if layout not in contract.LAYOUTS:
         raise ExportError(f"--layout {layout!r}: choose one of {', '.join(contract.LAYOUTS)}")
@@ -231,14 +237,17 @@ def export_run(
     ort_threads: int = 1,
     precision: str = "fp32",
     quantize: QuantizeConfig | None = None,
-    layout: str = contract.LAYOUTS[0],
+    layout: str | None = None,
+    dynamic_batching: bool | None = None,
 ) -> ExportResult:
     """Exports a run to a Triton model repository at `out_dir` (replaced atomically). `runtime` is
     one of contract.RUNTIMES; the parity frames come from `data` or else the run's prompt images.
     `precision` "int8": QDQ graphs calibrated (`quantize`, default QuantizeConfig()) on the normal
     training frames of `data`, else of the run's training data. `layout` "fused": the three engine graphs
-    merged into one step (export/fused.py; python-ort only), measured faster on CPU (benchmarks/README.md)."""
+    merged into one step (export/fused.py; python-ort only), measured faster on CPU (benchmarks/README.md);
+    None: default_layout(runtime). `dynamic_batching` None: repository.default_dynamic_batching(runtime)."""
     quantize = quantize or QuantizeConfig()
+    layout = default_layout(runtime) if layout is None else layout
     _check_layout(layout, runtime)
     _check_options(runtime, max_batch, opset, precision, quantize)
     quantize = dataclasses.replace(quantize, activation_type=resolve_activation_type(quantize.activation_type, runtime))
@@ -253,7 +262,7 @@ def export_run(
     reference = reference_outputs(model, frames, ids, tables)
     spec = RepositorySpec(runtime=runtime, class_names=tuple(info.classes), thresholds=info.thresholds, image_size=size,
                           tensor_shapes=step_tensor_shapes(model), max_batch=max_batch,
-                          instance_count=instance_count, ort_threads=ort_threads)
+                          instance_count=instance_count, ort_threads=ort_threads, dynamic_batching=dynamic_batching)
     staging = Path(tempfile.mkdtemp(prefix="promptmad-export-"))  # scratch; the repository itself is staged beside --out
     try:
         onnx_paths, unsupported = _export_graphs(model, staging, reference, opset=opset, runtime=runtime)
@@ -268,6 +277,7 @@ def export_run(
                                                  int8=precision == "int8")
         manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity,
                              trt_meta=trt_meta, precision=precision, quantization=quantization, parity_fp32=parity_fp32)
+        manifest["layout"], manifest["dynamic_batching"] = contract.LAYOUTS[0], spec.batching  # fusing sets "fused"
         repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
         if layout != contract.LAYOUTS[0]:  # a second atomic swap: the step layout in between is a valid repository

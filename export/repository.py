@@ -50,6 +50,11 @@ class RepositorySpec:
     max_batch: int = contract.DEFAULT_MAX_BATCH
     instance_count: int | None = None
     ort_threads: int = 1
+    dynamic_batching: bool | None = None  # None: default_dynamic_batching(runtime)
+
+    @property
+    def batching(self) -> bool:
+        return default_dynamic_batching(self.runtime) if self.dynamic_batching is None else self.dynamic_batching
 
 
 def _pb():
@@ -119,6 +124,13 @@ def _add_tensors(field, tensors, shapes: dict[str, tuple[int, ...]], *, ragged: 
             io.allow_ragged_batch = True
 
 
+def default_dynamic_batching(runtime: str) -> bool:
+    """Dynamic batching on the GPU runtimes only. On CPU (python-ort) a batch of two frames runs no
+    faster than the two one after the other, and the first waits for the second: removing the
+    batcher from every step was measured faster at every concurrency (benchmarks/README.md, variants)."""
+    return runtime != "python-ort"
+
+
 def default_instances(runtime: str) -> dict[str, int]:
     """Instances per engine step when --instances is not given. On CPU (python-ort) the steps form
     a pipeline whose slowest stage is the segmentor (10 unrolled denoiser steps): two instances of
@@ -163,6 +175,8 @@ def _step_config(step: contract.Step, spec: RepositorySpec):
     """One composing model: template + the contract's tensors + its parameters."""
     cfg = load_template(step.name)
     cfg.max_batch_size = spec.max_batch
+    if not spec.batching:
+        cfg.ClearField("dynamic_batching")
     _add_tensors(cfg.input, step.inputs, spec.tensor_shapes, ragged=not step.engine)
     _add_tensors(cfg.output, step.outputs, spec.tensor_shapes)
     if step.engine:

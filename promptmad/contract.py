@@ -161,7 +161,11 @@ FUSED_ENSEMBLES = (Ensemble(MODEL_NAME, ENSEMBLE.inputs, ENSEMBLE.outputs, (PREP
                    Ensemble(ENCODED_MODEL_NAME, ENCODED_ENSEMBLE.inputs, ENCODED_ENSEMBLE.outputs,
                             (PREPROCESS_ENCODED, PROMPT_BANK, FUSED_ENGINE, POSTPROCESS)))
 FUSED_MODELS = (*(m for m in ALL_MODELS if m not in ENGINE_STEPS), FUSED_ENGINE.name)
-LAYOUTS = ("steps", "fused")  # "steps": ENSEMBLES over ALL_MODELS (the export's); "fused": FUSED_ENSEMBLES
+LAYOUTS = ("steps", "fused")  # "steps": ENSEMBLES over ALL_MODELS; "fused": FUSED_ENSEMBLES over FUSED_MODELS
+COMPOSING_MODELS = (*STEPS, FUSED_ENGINE.name)  # every model an ensemble step can be, in either layout
+# the engine steps (ONNX graphs or TensorRT plans) and the ensembles of each layout
+LAYOUT_ENGINES: dict[str, tuple[Step, ...]] = {"steps": FUSED_FROM, "fused": (FUSED_ENGINE,)}
+LAYOUT_ENSEMBLES: dict[str, tuple[Ensemble, ...]] = {"steps": ENSEMBLES, "fused": FUSED_ENSEMBLES}
 
 # Files inside a model's version folder `<model>/1/`.
 ONNX_FILE = "model.onnx"  # engine steps, runtimes python-ort and onnxruntime
