@@ -196,10 +196,6 @@ def _bench(args) -> int:
         return _write_input_data(args, *_sources(args)[::2])
     print(check_perf_analyzer())
     repo, run, data = _sources(args)
-    if args.per_model and repo is not None and (repo / contract.FUSED_ENGINE.name).is_dir():
-        print("fused layout (export --layout fused): the engine steps are one model, so no per-model sweeps "
-              "(the ensemble's per-step breakdown still shows fused_engine)")
-        args.per_model = False
     summary = run_benchmark(run, repo, data, args.out, concurrency=args.concurrency, sizes=tuple(args.sizes),
                             shared_memory=args.shared_memory, compare=args.compare, n_frames=args.frames, url=args.url,
                             server_pid=args.server_pid, per_model=args.per_model, request_count=args.request_count,

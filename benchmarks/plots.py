@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # one colour per composing model, in the ensemble's step order (pale: the Python steps, strong: the engines)
 STEP_COLORS = dict(zip((s.name for s in contract.ENSEMBLE.steps),
                        ("#9ecae1", "#c6dbef", "#3182bd", "#31a354", "#e6550d", "#fdae6b"), strict=True))
+# the fused layout's one engine step (export/fused.py), placed before postprocess as it runs
+STEP_COLORS = {**{k: v for k, v in STEP_COLORS.items() if k != contract.POSTPROCESS.name},
+               contract.FUSED_ENGINE.name: "#756bb1", contract.POSTPROCESS.name: STEP_COLORS[contract.POSTPROCESS.name]}
 
 
 def _plt():

@@ -132,12 +132,20 @@ def composing_inputs(repo: Path | str, frames: Sequence[np.ndarray], class_ids: 
     """Real per-item input tensors of every composing model for the first ``n`` frames, computed by
     the repository's ONNX graphs and prompt tables in-process (what the ensemble would pass on)."""
     chain = OnnxChain(repo, threads=1)
-    out: Feeds = {s: [] for s in STEPS}
+    steps = composing_steps(repo)
+    out: Feeds = {s.name: [] for s in steps}
     for frame, cid in list(zip(frames, class_ids))[:n]:
         tensors = chain.run(frame, cid)
-        for step in contract.ENSEMBLE.steps:
+        for step in steps:
             out[step.name].append({name: tensors[name][0] for name in step.input_names})
     return out
+
+
+def composing_steps(repo: Path | str | None) -> tuple[contract.Step, ...]:
+    """The raw ensemble's steps in the repository's layout (the step layout when there is no --repo)."""
+    from promptmad.export.fused import layout
+
+    return contract.LAYOUT_ENSEMBLES[contract.LAYOUTS[0] if repo is None else layout(repo)][0].steps
 
 
 def random_composing_inputs(grpc_url: str, frames: Sequence[np.ndarray], class_ids: Sequence[int], n: int = 4,
@@ -192,12 +200,13 @@ def sweep_composing(
     repo: Path | str | None = None,
     concurrency: tuple[int, int, int] = (1, 4, 1),
     request_count: int = 30,
-    steps: Sequence[str] = STEPS,
+    steps: Sequence[str] | None = None,
 ) -> tuple[dict[str, SweepResult], str]:
     """One sweep per composing model; returns ({model: result}, input_source) where input_source
     is ``"onnx-in-process"`` (real intermediate tensors) or ``"random"`` (server metadata)."""
     from tqdm import tqdm
 
+    steps = [s.name for s in composing_steps(repo)] if steps is None else steps
     if has_onnx_graphs(repo):
         feeds, source = composing_inputs(repo, frames, class_ids), "onnx-in-process"
     else:
