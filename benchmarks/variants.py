@@ -1,5 +1,6 @@
 """Serving-layout variants of one exported repository, measured side by side in one run: the export's
-default, no dynamic batching, other engine-step instance counts, the fused engine step (export/fused.py).
+default (the fused engine step, export/fused.py, without dynamic batching), the step layout with and
+without dynamic batching, other engine-step instance counts.
 
 Every variant is a copy of the same repository (same weights) changed through the edit machinery of
 `promptmad classes` (verified, sealed again). All variants are served at once, each by its own server,
@@ -30,9 +31,10 @@ KEEP = None  # a Variant field left as exported
 
 @dataclass(frozen=True)
 class Variant:
-    """How one variant's repository differs from the exported one. `batching` False removes dynamic
-    batching from every step of a python-ort repository (all run on the CPU); `engine_instances` sets the
-    instances of every engine step (the fused one included); `layout` "fused" merges the engine steps."""
+    """A serving configuration, whatever the source repository's: `layout` (contract.LAYOUTS), `batching`
+    (Triton's dynamic batcher on every python-ort step, as the templates set it, or none) and
+    `engine_instances` (instances of every engine step, the fused one included; KEEP: the export's).
+    Built from a step-layout repository: the fused layout is made from its three graphs."""
 
     name: str
     layout: str = "steps"
@@ -49,15 +51,15 @@ class Variant:
 
 
 PRESETS = {v.name: v for v in (
-    Variant("default"),  # as exported: dynamic batching, instances of export/repository.py default_instances
-    Variant("no-batching", batching=False),
-    Variant("engines-1", engine_instances=1),
+    Variant("default", layout="fused", batching=False),  # what `promptmad export` gives for python-ort
+    Variant("fused-batching", layout="fused"),
+    Variant("fused-1", layout="fused", batching=False, engine_instances=1),
+    Variant("steps", batching=False),
+    Variant("steps-batching"),  # the export default until 2026-12-06
+    Variant("engines-1", engine_instances=1),  # step layout, batching: the instance counts of steps-batching changed
     Variant("engines-2", engine_instances=2),
-    Variant("fused", layout="fused"),  # export/fused.py FUSED_INSTANCES
-    Variant("fused-1", layout="fused", engine_instances=1),
-    Variant("fused-no-batching", layout="fused", batching=False),
 )}
-DEFAULT_VARIANTS = ("default", "no-batching", "engines-1", "engines-2", "fused", "fused-no-batching")
+DEFAULT_VARIANTS = ("default", "fused-batching", "steps", "steps-batching", "engines-2")
 
 
 def preset(name: str) -> Variant:
@@ -74,8 +76,18 @@ def _engine_models(stage: Path) -> tuple[str, ...]:
     return (contract.FUSED_ENGINE.name,) if layout(stage) == "fused" else contract.ENGINE_STEPS
 
 
+def _set_batching(cfg, on: bool) -> None:
+    """The template's dynamic batcher (the fused step takes the segmentor's), or none."""
+    from promptmad.export.repository import load_template
+
+    cfg.ClearField("dynamic_batching")
+    if on:
+        template = contract.SEGMENTOR.name if cfg.name == contract.FUSED_ENGINE.name else cfg.name
+        cfg.dynamic_batching.CopyFrom(load_template(template).dynamic_batching)
+
+
 def _change(variant: Variant, stage: Path, manifest: dict) -> dict:
-    """Applies `variant` to an edit copy of the repository; returns its manifest."""
+    """Applies `variant` to an edit copy of a step-layout repository; returns its manifest."""
     from promptmad.export.fused import fuse_stage
     from promptmad.export.repository_edit import read_config, write_config
 
@@ -86,17 +98,12 @@ def _change(variant: Variant, stage: Path, manifest: dict) -> dict:
         cfg = read_config(cfg_path)
         if cfg.platform == "ensemble":
             continue
-        changed = False
-        if not variant.batching and cfg.HasField("dynamic_batching"):
-            cfg.ClearField("dynamic_batching")
-            changed = True
+        _set_batching(cfg, variant.batching)
         if variant.engine_instances is not KEEP and cfg.name in engines:
             for group in cfg.instance_group:
                 group.count = variant.engine_instances
-            changed = True
-        if changed:
-            write_config(cfg_path, cfg)
-    return {**manifest, "variant": asdict(variant)}
+        write_config(cfg_path, cfg)
+    return {**manifest, "variant": asdict(variant), "dynamic_batching": variant.batching}
 
 
 def build_variant(repo: str | Path, variant: Variant, out_dir: str | Path) -> Path:
@@ -108,6 +115,11 @@ def build_variant(repo: str | Path, variant: Variant, out_dir: str | Path) -> Pa
     runtime = read_config(repo / contract.MODEL_NAME / "config.pbtxt").parameters[contract.PARAM_RUNTIME].string_value
     if runtime != "python-ort":
         raise BenchError(f"{repo}: runtime {runtime!r}; the variants are of the CPU runtime, export with --runtime python-ort")
+    from promptmad.export.fused import layout
+
+    if layout(repo) != contract.LAYOUTS[0]:
+        raise BenchError(f"--repo {repo} is in the {layout(repo)} layout; the variants are built from the three step graphs: "
+                         f"export a step-layout copy with `promptmad export --ckpt RUN --out DIR --layout steps` and pass --repo DIR")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(repo, out_dir)

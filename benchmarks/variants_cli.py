@@ -8,11 +8,15 @@ import textwrap
 
 EPILOG = """\
 examples:
-  # the export's default against no batching, 1 or 2 instances of every engine step, the fused step:
-  promptmad bench-variants --repo model_repository --data data/synth --out variants_results
+  # the variants are built from a step-layout export (the default python-ort export is fused):
+  promptmad export --ckpt runs/default --out steps_repository --layout steps
+
+  # the export's default (fused, no batching) against the fused step with batching, the step layout without
+  # and with batching, and 2 instances of every engine step:
+  promptmad bench-variants --repo steps_repository --data data/synth --out variants_results
 
   # two variants, three alternated rounds, a shorter sweep:
-  promptmad bench-variants --repo model_repository --data data/synth --out v --variants default fused --rounds 3 --concurrency 1:4
+  promptmad bench-variants --repo steps_repository --data data/synth --out v --variants default steps --rounds 3 --concurrency 1:4
 
 what is written to --out:
   results.md    one row per variant: c=1 and best FPS, p50/p95 latency, ratios to the first variant; the machine
@@ -37,12 +41,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench-variants", help="serving-layout variants of one repository (batching, instances, fused step), side by side",
         description=textwrap.fill(
-            "Build variants of one exported python-ort repository (same weights): the export's default, no dynamic "
-            "batching, other instance counts of the engine steps, the three engine graphs fused into one step; serve "
+            "Build variants of one python-ort repository exported with --layout steps (same weights): the export's "
+            "default (the three engine graphs fused into one step, no dynamic batching), the fused step with batching, "
+            "the step layout with and without batching, other instance counts of the engine steps; serve "
             "them all and measure them in alternation with perf_analyzer on real frames, as `promptmad bench` does.",
             width=100),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", required=True, help="an exported python-ort repository (not changed; copies are)")
+    p.add_argument("--repo", required=True, help="a python-ort repository exported with --layout steps (not changed; copies are)")
     p.add_argument("--data", required=True, help="dataset whose test frames are sent, e.g. data/synth")
     p.add_argument("--out", default="variants_results", help="output folder (default: variants_results)")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(PRESETS), metavar="NAME",

@@ -30,7 +30,7 @@ def test_variant_fields_are_checked():
         Variant("../x")
 
 
-@pytest.mark.parametrize("name", ["no-batching", "engines-2", "fused-no-batching", "fused-1"])
+@pytest.mark.parametrize("name", ["default", "fused-batching", "steps", "engines-2"])
 def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path, name):
     variant = PRESETS[name]
     before = verify_repository_checksums(tiny_repository)
@@ -46,7 +46,7 @@ def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path,
         if cfg.platform == "ensemble":
             continue
         reference = src.get(model, src[contract.SEGMENTOR.name])  # the fused step is built from the segmentor's
-        assert cfg.HasField("dynamic_batching") == (variant.batching and reference.HasField("dynamic_batching")), model
+        assert cfg.HasField("dynamic_batching") == variant.batching, model
         count = cfg.instance_group[0].count
         if model in engines and variant.engine_instances is not None:
             assert count == variant.engine_instances, model
@@ -55,6 +55,14 @@ def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path,
         else:
             assert count == reference.instance_group[0].count, model
         assert cfg.max_batch_size == reference.max_batch_size, model
+
+
+def test_variants_are_built_from_the_step_layout_only(tiny_repository, tmp_path):
+    """A fused repository has no step graphs to build the step variants from: refused, naming the fix."""
+    fused = build_variant(tiny_repository, PRESETS["default"], tmp_path / "fused")
+    with pytest.raises(BenchError, match="--layout steps"):
+        build_variant(fused, PRESETS["steps"], tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_summary_ratios_are_taken_inside_each_round():
@@ -73,9 +81,9 @@ def test_summary_ratios_are_taken_inside_each_round():
 def test_cli_registers_bench_variants():
     from promptmad.cli import build_parser
 
-    args = build_parser().parse_args(["bench-variants", "--repo", "r", "--data", "d", "--variants", "default", "fused",
+    args = build_parser().parse_args(["bench-variants", "--repo", "r", "--data", "d", "--variants", "default", "steps",
                                       "--concurrency", "1:2"])
-    assert (args.repo, args.variants, args.concurrency, args.rounds) == ("r", ["default", "fused"], (1, 2, 1), 2)
+    assert (args.repo, args.variants, args.concurrency, args.rounds) == ("r", ["default", "steps"], (1, 2, 1), 2)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench-variants", "--repo", "r", "--data", "d", "--variants", "nonsense"])
 
@@ -83,19 +91,20 @@ def test_cli_registers_bench_variants():
 @pytest.mark.server
 def test_two_variants_measured_in_alternation_end_to_end(tiny_repository, tiny_dataset, tmp_path):
     out = tmp_path / "variants"
-    summary = run_variants(tiny_repository, tiny_dataset, out, [PRESETS["default"], PRESETS["fused"]], rounds=2,
+    summary = run_variants(tiny_repository, tiny_dataset, out, [PRESETS["default"], PRESETS["steps"]], rounds=2,
                            concurrency=(1, 2, 1), n_frames=4, image_size=64, request_count=10)
     saved = json.loads((out / "results.json").read_text())
-    assert [v["name"] for v in saved["variants"]] == ["default", "fused"] and len(saved["per_round"]) == 2
-    for name in ("default", "fused"):
+    assert [v["name"] for v in saved["variants"]] == ["default", "steps"] and len(saved["per_round"]) == 2
+    for name in ("default", "steps"):
         r = summary["results"][name]
         assert r["c1"]["fps"] > 0 and r["best"]["fps"] >= r["c1"]["fps"] * 0.5 and r["rounds"] == 2
         assert r["c1"]["p95_ms"] >= r["c1"]["p50_ms"] > 0
     assert summary["results"]["default"]["ratio_to_default"]["c1"] == pytest.approx(1.0)
     # A B A B: each sweep's CSV was written after the previous one's
-    order = [out / "perf" / f"perf_{n}_round{r}.csv" for r in (1, 2) for n in ("default", "fused")]
+    order = [out / "perf" / f"perf_{n}_round{r}.csv" for r in (1, 2) for n in ("default", "steps")]
     times = [p.stat().st_mtime_ns for p in order]
     assert times == sorted(times), order
     md = (out / "results.md").read_text()
-    assert summary["machine"]["cpu"] in md and "| default |" in md and "| fused |" in md and "x |" in md
-    assert (out / "repos" / "fused" / contract.FUSED_ENGINE.name).is_dir()
+    assert summary["machine"]["cpu"] in md and "| default |" in md and "| steps |" in md and "x |" in md
+    assert (out / "repos" / "default" / contract.FUSED_ENGINE.name).is_dir()
+    assert (out / "repos" / "steps" / contract.SEGMENTOR.name).is_dir()
