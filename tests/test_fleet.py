@@ -232,7 +232,7 @@ def test_prometheus_queue_time_rule_rises_under_load(replicas, tmp_path):
     pods = {"replica-1": replicas[1].metrics_url.split("//")[1].split("/")[0],
             "replica-2": replicas[2].metrics_url.split("//")[1].split("/")[0]}
     expr = adapter_query(list(pods))
-    ensemble_queue_only = expr.replace(f'model=~"{"|".join(contract.STEPS)}"', f'model=~"{contract.MODEL_NAME}"', 1)
+    ensemble_queue_only = expr.replace(f'model=~"{"|".join(contract.COMPOSING_MODELS)}"', f'model=~"{contract.MODEL_NAME}"', 1)
     assert ensemble_queue_only != expr
     with Prometheus(tmp_path, pods, free_port()) as prom:
         prom.wait(lambda: len(prom.query(expr)) == 2, 30, "evaluating the rule for both pods")
