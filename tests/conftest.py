@@ -47,9 +47,20 @@ def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
 def tiny_repository(tmp_path_factory, tiny_run, tiny_dataset) -> Path:
     from promptmad.export.pipeline import export_run
 
+    # the step layout with dynamic batching (the GPU runtimes' layout), whose steps the suite tests one by
+    # one; the python-ort default (fused, no batching) is exported and served in test_fused.py
     out = tmp_path_factory.mktemp("model_repository")
-    export_run(tiny_run, out, runtime="python-ort", max_batch=4, data=tiny_dataset)
+    export_run(tiny_run, out, runtime="python-ort", max_batch=4, data=tiny_dataset, layout="steps", dynamic_batching=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_repository(tmp_path_factory, tiny_run, tiny_dataset) -> Path:
+    """What `promptmad export` gives for python-ort by default: the same run as tiny_repository, fused,
+    without dynamic batching (test_fused.py; the live `classes` tests serve it)."""
+    from promptmad.export.pipeline import export_run
+
+    return export_run(tiny_run, tmp_path_factory.mktemp("default_repository") / "repo", max_batch=4, data=tiny_dataset).repository
 
 
 @pytest.fixture(scope="session")

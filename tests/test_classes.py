@@ -78,12 +78,13 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_repository, tmp_path_factory):
+def live(default_repository, tmp_path_factory):
+    """The python-ort default export (fused layout), as a user serves it."""
     from promptmad.export.cli import write_admin_key
     from promptmad.export.server import TritonServer
 
     root = tmp_path_factory.mktemp("live")
-    repo = _copy(tiny_repository, root / "repo")
+    repo = _copy(default_repository, root / "repo")
     with TritonServer(repo, model_control_mode="explicit", verify_manifest=True) as server:
         yield Live(server, repo, write_admin_key(server.admin_key, root / "admin-key"))
 
@@ -173,7 +174,7 @@ def test_explicit_mode_loads_every_model_and_keeps_the_repository_verifying(live
     client = th.InferenceServerClient(live.server.http_url)
     index = {m["name"]: m.get("state") for m in
              client.get_model_repository_index(headers={contract.ADMIN_KEY_HEADER: live.server.admin_key})}
-    assert all(index.get(m) == "READY" for m in contract.ALL_MODELS), index
+    assert all(index.get(m) == "READY" for m in contract.FUSED_MODELS), index
     with Stream(live.server.http_url) as stream:
         time.sleep(1)
     assert stream.failures == [] and stream.results  # every Python step has imported its model.py by now

@@ -40,11 +40,9 @@ def frames(tiny_dataset):
 
 
 @pytest.fixture(scope="module")
-def fused_repository(tiny_repository, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("fused") / "repo"
-    shutil.copytree(tiny_repository, repo)
-    fuse_repository(repo)
-    return repo
+def fused_repository(default_repository):
+    """The python-ort default export (conftest.default_repository): the fused layout."""
+    return default_repository
 
 
 def test_merged_graph_computes_what_the_chain_computes(tiny_repository, frames):
@@ -223,15 +221,53 @@ def test_only_python_ort_repositories_are_fused(tiny_repository, tmp_path):
     assert not (repo / contract.FUSED_ENGINE.name).exists()
 
 
-def test_export_layout_fused_writes_a_sealed_fused_repository(tiny_run, tmp_path):
-    """`promptmad export --layout fused`: the python-ort export, then fused in place; refused for the GPU
-    runtimes (they keep the ensemble of engines) before any work."""
-    from promptmad.export.pipeline import export_run
+def test_python_ort_export_defaults_to_the_fused_layout_without_dynamic_batching(fused_repository, tiny_run, tmp_path):
+    """`promptmad export` (python-ort): the export, then fused in place, no dynamic batcher on any step
+    (measured the fastest on CPU); the GPU runtimes default to the ensemble of engines with batching,
+    and `--layout fused` is refused for them before any work."""
+    from promptmad.export.pipeline import default_layout, export_run
+    from promptmad.export.repository import default_dynamic_batching
 
+    doc = verify_repository_checksums(fused_repository)
+    assert doc["layout"] == "fused" and doc["dynamic_batching"] is False
+    for cfg_path in fused_repository.glob("*/config.pbtxt"):
+        cfg = read_config(cfg_path)
+        assert cfg.platform == "ensemble" or not cfg.HasField("dynamic_batching"), cfg.name
+    assert [default_layout(r) for r in contract.RUNTIMES] == ["fused" if r == "python-ort" else "steps" for r in contract.RUNTIMES]
+    assert [default_dynamic_batching(r) for r in contract.RUNTIMES] == [r != "python-ort" for r in contract.RUNTIMES]
     with pytest.raises(ExportError, match="--layout fused is for --runtime python-ort"):
         export_run(tiny_run, tmp_path / "ort", runtime="onnxruntime", layout="fused")
     assert not (tmp_path / "ort").exists()
-    result = export_run(tiny_run, tmp_path / "repo", layout="fused", check_parity=False)
-    validate_repository(result.repository)
-    assert layout(result.repository) == "fused" and verify_repository_checksums(result.repository)["layout"] == "fused"
-    assert result.manifest["layout"] == "fused"
+
+
+def test_bench_reads_the_fused_layout_in_process(fused_repository, tiny_repository, frames, tmp_path):
+    """`promptmad bench`'s in-process parts on the default (fused) repository: the ONNX Runtime chain is
+    its one graph and gives the step layout's map; --write-input-data writes fused_engine's real inputs."""
+    from promptmad.benchmarks.input_data import write_input_data
+    from promptmad.benchmarks.onnx_chain import engine_steps
+
+    fused, steps = OnnxChain(fused_repository, threads=1), OnnxChain(tiny_repository, threads=1)
+    assert engine_steps(fused_repository) == (contract.FUSED_ENGINE,) and list(fused.sessions) == [contract.FUSED_ENGINE.name]
+    for img, cid in zip(*frames):
+        np.testing.assert_allclose(fused.run(img, cid)[contract.ANOMALY_MAP_MODEL.name],
+                                   steps.run(img, cid)[contract.ANOMALY_MAP_MODEL.name], rtol=1e-5, atol=1e-5)
+    files, source = write_input_data(tmp_path / "in.json", list(frames[0]), list(frames[1]), repo=fused_repository)
+    assert source == "onnx-in-process"
+    assert set(files) == {contract.MODEL_NAME, contract.ENCODED_MODEL_NAME, contract.PREPROCESS_ENCODED.name,
+                          *(s.name for s in contract.FUSED_ENSEMBLES[0].steps)}
+    entries = json.loads(files[contract.FUSED_ENGINE.name].read_text())["data"]
+    assert entries and all(tuple(e) == contract.FUSED_ENGINE.input_names for e in entries)
+
+
+@pytest.mark.server
+@pytest.mark.timeout(180)
+def test_bench_sweeps_the_fused_step_alone(fused_server, fused_repository, frames, tmp_path):
+    """The per-model sweeps of `promptmad bench` on the default layout: fused_engine alone under real
+    perf_analyzer, fed its real inputs."""
+    from promptmad.benchmarks.sweep import sweep_composing
+
+    results, source = sweep_composing(fused_server.grpc_url, list(frames[0]), list(frames[1]), tmp_path, "t",
+                                      repo=fused_repository, concurrency=(1, 1, 1), request_count=8)
+    assert source == "onnx-in-process" and contract.FUSED_ENGINE.name in results
+    assert contract.VISUAL_ENCODER.name not in results
+    assert results[contract.FUSED_ENGINE.name].rows[0]["Inferences/Second"] > 0

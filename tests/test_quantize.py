@@ -43,7 +43,9 @@ def int8_repository(tmp_path_factory, tiny_run, tiny_dataset) -> Path:
     from promptmad.export.pipeline import export_run
 
     out = tmp_path_factory.mktemp("int8") / "repo"
-    export_run(tiny_run, out, runtime="python-ort", max_batch=4, data=tiny_dataset, precision="int8", quantize=TEST_CONFIG)
+    # the step layout: these tests read each step's QDQ graph (test_int8_graphs_fuse: the default layout)
+    export_run(tiny_run, out, runtime="python-ort", max_batch=4, data=tiny_dataset, precision="int8", quantize=TEST_CONFIG,
+               layout="steps")
     return out
 
 
@@ -85,6 +87,25 @@ def test_excluded_nodes_stay_float(int8_repository, step_graph):
     quantized = [n for b, ns in blocks.items() if b != "output_proj" for n in ns]
     assert all(_float_inputs_of(out, excluded).values())
     assert not any(_float_inputs_of(out, quantized).values())
+
+
+def test_int8_graphs_fuse_into_the_default_layout(int8_repository, tmp_path):
+    """The python-ort default layout of an INT8 export: the three QDQ graphs merged compute what they
+    compute as a chain (the GPU runtimes keep the steps, TensorRT reads the QDQ graphs)."""
+    import shutil
+
+    from promptmad.benchmarks.onnx_chain import OnnxChain
+    from promptmad.export.fused import fuse_repository
+    from promptmad.export.repository import validate_repository
+
+    fused = shutil.copytree(int8_repository, tmp_path / "fused")
+    fuse_repository(fused)
+    validate_repository(fused)
+    assert count_qdq(fused / contract.FUSED_ENGINE.name / "1" / contract.ONNX_FILE)["QuantizeLinear"] > 0
+    frame = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    key = contract.ANOMALY_MAP_MODEL.name
+    np.testing.assert_allclose(OnnxChain(fused, threads=1).run(frame, 1)[key], OnnxChain(int8_repository, threads=1).run(frame, 1)[key],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_blocks_group_unrolled_steps_by_module():
