@@ -67,7 +67,7 @@ class AddClass:
         check_name(self.name)
         if self.augment not in AUGMENTS:
             raise ConfigError("augment", f"{self.augment!r}: choose one of {', '.join(AUGMENTS)} ('none' for a product "
-                              "whose mirror image is itself a defect)")
+                              "whose moved or mirrored image is itself a defect)")
         _check_folder(self.repo, "repo")
         _check_folder(self.images, "images")
         _check_folder(self.held_out, "held_out")

@@ -67,9 +67,10 @@ def _register_add(sub) -> None:
     a.add_argument("--shots", type=int, metavar="K", help=SHOTS_HELP)
     a.add_argument("--held-out", metavar="DIR", help=HELD_OUT_HELP)
     a.add_argument("--augment", choices=list(AUGMENTS), default=DEFAULT_AUGMENT,
-                   help="views of each image whose patches feed the class's normal bank: 'flips' (the image and its 3 "
-                        "mirror images: a fuller bank from few images) or 'none' (for a product whose mirror image is "
-                        f"itself a defect, e.g. a part mounted the wrong way round) (default: {DEFAULT_AUGMENT})")
+                   help="views of each image whose patches also feed the class's normal bank (a fuller bank from few "
+                        "images): 'shifts' (moved by half a patch: a product that sits a few pixels off), 'flips' (its 3 "
+                        "mirror images), 'texture' (all 8 rotations and mirror images: a texture with no up or side), 'none' (a product whose moved or mirrored image is itself a defect) "
+                        f"(default: {DEFAULT_AUGMENT})")
     a.add_argument("--run", help="the trained run the repository was exported from (default: the manifest's `checkpoint`)")
     a.add_argument("--clip-weights", help="the CLIP weights the run was trained with, if they moved (default: the run's)")
     a.add_argument("--prompt", metavar="WORDS", help="words describing the product for its text prompts, used in place "

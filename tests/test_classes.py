@@ -21,6 +21,7 @@ from promptmad.errors import ConfigError, ServeError
 from promptmad.export.classes import AddClass, RemoveClass, add_class, list_classes, remove_class
 from promptmad.export.manifest import verify_repository_checksums
 from promptmad.export.repository import latest_version
+from promptmad.training.onboard_images import SHIFT_PX
 from tests.conftest import TINY_CLASSES
 
 pytestmark = pytest.mark.server
@@ -275,10 +276,17 @@ def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_vi
     v = onboard.views(x, "flips")
     assert v.shape[0] == 12 and v[4].equal(x[1].flip(1)) and v[7].equal(x[1].flip(0)) and v[10].equal(x[1].flip(0).flip(1))
     assert onboard.views(x, "none").equal(x)
+    d = SHIFT_PX  # shifts: moved down, right, both; the uncovered edge mirrors the frame's own
+    s = onboard.views(x, "shifts")
+    assert s.shape[0] == 12 and s[:3].equal(x) and s[4][d:].equal(x[1][:-d]) and s[4][:d].equal(x[1][1:d + 1].flip(0))
+    assert s[7][:, d:].equal(x[1][:, :-d]) and s[10][d:, d:].equal(x[1][:-d, :-d])
+    t = onboard.views(x, "texture")  # the 8 rotations and mirror images, in blocks of the 3 images
+    assert t.shape[0] == 24 and t[1 * 3 + 2].equal(x[2].transpose(0, 1)) and t[3 * 3 + 2].equal(x[2].transpose(0, 1).flip(1))
+    assert t[7 * 3 + 1].equal(x[1].transpose(0, 1).flip(0).flip(1))
     banks = []
     real_bank = onboard._bank
     monkeypatch.setattr(onboard, "_bank", lambda model, emb: banks.append(emb.shape[0]) or real_bank(model, emb))
-    for augment, views in (("flips", 4), ("none", 1)):
+    for augment, views in (("flips", 4), ("none", 1), ("texture", 8)):
         banks.clear()
         model, info = load_model(tiny_run)
         onboard.class_rows(model, info, "widget", frames, augment=augment)
@@ -287,7 +295,7 @@ def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_vi
 
 
 def test_an_unknown_augment_is_refused_naming_the_field(repo, product):
-    with pytest.raises(ConfigError, match="rot45.*none, flips") as err:
+    with pytest.raises(ConfigError, match="rot45.*none, shifts, flips, texture") as err:
         AddClass(repo=str(repo), name="widget", images=str(product["images"]), augment="rot45")
     assert err.value.field == "augment"
 

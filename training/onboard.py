@@ -8,8 +8,8 @@ tell an onboarded class from a trained one by how its prompts were made:
   the product words in place of the name (`words`) and optional defect words (PromptSet.defects);
 - prompt-token row [N, H]: the reconstructor's encoding of the FIRST image's encoder features (training
   prompts each class with one normal image; further images only feed the bank);
-- normal bank [K, P]: the greedy coreset of the patch features of all the images and, with augment="flips"
-  (classes add --augment flips), of their mirror images (model.set_normal_bank's recipe);
+- normal bank [K, P]: the greedy coreset of the patch features of all the images and of their views
+  (classes add --augment: shifted, mirrored, rotated; onboard_images.AUGMENTS) (model.set_normal_bank's recipe);
 - units [2] (mean, std of the distance map) and threshold from normal images the bank was not built
   from, as training calibrates: `held_out` images when given; else leave-one-out (image i against the
   bank of the others and their views: K - 1 images, a bank thinner than the served one, and only K scores: a loose
@@ -33,7 +33,7 @@ import torch
 from promptmad import contract
 from promptmad.errors import ConfigError
 from promptmad.training.deviation import build_bank, normal_stats
-from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, SHIFT_PX
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,41 @@ def _bank(model, emb: torch.Tensor) -> torch.Tensor:
     return build_bank(emb.reshape(-1, emb.shape[-1]), model.cfg.bank_size)
 
 
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Frames [N, S, S, 3] moved down by dy and right by dx pixels; the uncovered edge is the mirror image
+    of the frame's own edge (no black border, which would be a patch the product never shows)."""
+    if dy:
+        x = torch.cat([x[:, 1:dy + 1].flip(1), x[:, :-dy]], 1)
+    if dx:
+        x = torch.cat([x[:, :, 1:dx + 1].flip(2), x[:, :, :-dx]], 2)
+    return x
+
+
+def _shifts(x: torch.Tensor) -> torch.Tensor:
+    d = SHIFT_PX
+    return torch.cat([x, _shift(x, d, 0), _shift(x, 0, d), _shift(x, d, d)])
+
+
+def _flips(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.flip(2), x.flip(1), x.flip(1, 2)])
+
+
+def _dihedral(x: torch.Tensor) -> torch.Tensor:
+    """The 8 rotations and mirror images: the 4 flips of the frame and of its transpose."""
+    return _flips(torch.cat([x, x.transpose(1, 2)]))
+
+
+_VIEWS = {"none": lambda x: x, "shifts": _shifts, "flips": _flips, "texture": _dihedral}
+
+
 def views(frames: torch.Tensor, augment: str) -> torch.Tensor:
-    """[V * K, S, S, 3]: the K frames, then each mirrored view of all K (so view v of image i is row v * K + i)."""
+    """[V * K, S, S, 3]: the K frames, then each other view of all K (view v of image i is row v * K + i,
+    which leave-one-out relies on); V = AUGMENTS[augment]."""
     if augment not in AUGMENTS:
         raise ConfigError("augment", f"{augment!r}: choose one of {', '.join(AUGMENTS)}")
-    if augment == "none":
-        return frames
-    return torch.cat([frames, frames.flip(2), frames.flip(1), frames.flip(1, 2)])
+    out = _VIEWS[augment](frames)
+    assert len(out) == AUGMENTS[augment] * len(frames), augment
+    return out
 
 
 def _ids(n_frames: int, n_banks: int) -> torch.Tensor:
