@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from promptmad.training.onboard_images import BY_KIND
+
 log = logging.getLogger(__name__)
 
 SHOTS = (1, 2, 4)  # the K of the issue; generalisation.PEER_SHOTS has a peer for each
@@ -31,10 +33,10 @@ SYSTEMS = (TRAINED, *(f"onboarded-k{k}" for k in SHOTS), *PEERS.values(), "peer-
 TARGET_K = 4  # the issue's targets are stated for K = 4
 TARGET_GAP = 0.03  # I-AUROC within 3 points of the trained class
 # `classes add --augment` per held-out class under --augment by-kind: what a user who knows the product would
-# pass (flips for a texture, whose mirror image is as normal as itself; none for an object, whose may not be).
+# pass (texture for a texture, whose rotated, mirrored or shifted image is as normal as itself; shifts for
+# an object, which may sit a few pixels off but whose mirror image may be a defect).
 # The kind comes from the dataset's dataset.json ("kind" per class, written by `promptmad data synth`), else
 # from MVTec AD's texture categories; anything else counts as an object.
-BY_KIND = "by-kind"
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 
@@ -45,7 +47,7 @@ def augment_of(data, cls: str, augment: str) -> str:
     meta = Path(data) / "dataset.json"
     kind = json.loads(meta.read_text()).get("classes", {}).get(cls, {}).get("kind") if meta.is_file() else None
     texture = kind == "texture" if kind else cls in MVTEC_TEXTURES
-    return "flips" if texture else "none"
+    return "texture" if texture else "shifts"
 
 
 def onboarded(k: int) -> str:

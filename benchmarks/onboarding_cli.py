@@ -43,6 +43,8 @@ def _holdout_run(text: str) -> tuple[str, str]:
 
 
 def register(subparsers) -> None:
+    from promptmad.training.onboard_images import AUGMENTS, BY_KIND
+
     p = subparsers.add_parser("onboard-bench", help="onboarding benchmark: a class added from K images vs trained vs the kNN peer",
                               description=textwrap.fill(DESCRIPTION, width=100), epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,9 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="optimisation steps of the runs trained here (default: --trained's)")
     p.add_argument("--arch", default="default", help="architecture of the all-classes run trained here (default: default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the runs trained here (default: 0)")
-    p.add_argument("--augment", default="by-kind", choices=["by-kind", "none", "flips"],
-                   help="`classes add --augment` of the onboarded classes; by-kind: flips for a texture (dataset.json's "
-                        "kind, else MVTec AD's texture categories), none for an object (default: by-kind)")
+    p.add_argument("--augment", default=BY_KIND, choices=[BY_KIND, *AUGMENTS],
+                   help="`classes add --augment` of the onboarded classes; by-kind: texture for a texture (dataset.json's "
+                        "kind, else MVTec AD's texture categories), shifts for an object (default: by-kind)")
     p.set_defaults(func=_onboard_bench)
 
 

@@ -101,15 +101,15 @@ def test_k_shots_are_calibrated_as_classes_add_does_without_held_out_images(benc
     assert {k: c["calibration"] for k, c in calibration.items()} == {1: "self", 2: "leave-one-out", 4: "leave-one-out"}
 
 
-def test_by_kind_flips_textures_only(bench, tiny_dataset, tmp_path):
-    """--augment by-kind: flips for a class dataset.json calls a texture, none for an object; without
-    dataset.json MVTec AD's texture categories; an explicit value for every class."""
+def test_by_kind_texture_for_textures_shifts_for_objects(bench, tiny_dataset, tmp_path):
+    """--augment by-kind: texture (rotations, mirror images, shifts) for a class dataset.json calls a texture,
+    shifts for an object; without dataset.json MVTec AD's texture categories; an explicit value for every class."""
     from promptmad.benchmarks.onboarding import augment_of
 
     kinds = json.loads((tiny_dataset / "dataset.json").read_text())["classes"]
     for cls, meta in kinds.items():
-        assert augment_of(tiny_dataset, cls, "by-kind") == ("flips" if meta["kind"] == "texture" else "none")
-    assert augment_of(tmp_path, "carpet", "by-kind") == "flips" and augment_of(tmp_path, "bottle", "by-kind") == "none"
+        assert augment_of(tiny_dataset, cls, "by-kind") == ("texture" if meta["kind"] == "texture" else "shifts")
+    assert augment_of(tmp_path, "carpet", "by-kind") == "texture" and augment_of(tmp_path, "bottle", "by-kind") == "shifts"
     assert augment_of(tiny_dataset, "coffee", "flips") == "flips"
     calibration = bench[1]["per_class"][HELD]["calibration"]
     assert {c["augment"] for c in calibration.values()} == {augment_of(tiny_dataset, HELD, "by-kind")}
