@@ -94,7 +94,8 @@ def onboarded_maps(holdout: tuple, cls: str, shots: np.ndarray, frames: np.ndarr
     rows = class_rows(model, info, cls, shots, augment=augment)
     use_class(model, rows, shots[:1])
     maps, scores = _promptmad(model, 0, frames)[next(iter(TERMS))]
-    return (maps, scores), {"calibration": rows.calibration, "threshold": rows.threshold, "augment": augment}
+    return (maps, scores), {"calibration": rows.calibration, "threshold": rows.threshold, "augment": augment,
+                            "fusion_weight": rows.fusion_weight}
 
 
 def score_class(cls: str, data, split: Path, trained: Path, holdout: Path, seed: int, cache: dict, augment: str = "none") -> dict:
@@ -190,7 +191,8 @@ def format_markdown(summary: dict) -> str:
              f"(training {summary['seconds']['training']:.0f} s).",
              "onboarded-kK: `classes add`'s rows from K normal training images, no held-out images (calibration: "
              + "; ".join(f"{c} (--augment {next(iter(r['calibration'].values())).get('augment', 'none')}): "
-                         + ", ".join(f"K={k} {v['calibration']}" for k, v in r["calibration"].items())
+                         + ", ".join(f"K={k} {v['calibration']}" + (f" w {v['fusion_weight']:g}" if "fusion_weight" in v else "")
+                                     for k, v in r["calibration"].items())
                          for c, r in summary["per_class"].items()) + "); peer-kK: the kNN peer on the same K images."]
     for metric in REPORTED:
         lines += ["", f"## {metric}", "", "| kind | tag | " + " | ".join(SYSTEMS) + " |", "|---|---|" + "---:|" * len(SYSTEMS)]

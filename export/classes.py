@@ -24,6 +24,7 @@ from promptmad.export.repository import latest_version, templates_dir
 from promptmad.export.repository_edit import edit_repository, prune_versions
 from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT
 
+MAX_FUSION_WEIGHT = 1e3  # as training's seg_weight (training/config.py)
 MAX_SHOTS = 64  # images per class: the leave-one-out calibration builds one bank per image
 MAX_WORDS = 200  # characters of --prompt (CLIP's tokenizer keeps 77 tokens anyway)
 TEXT_TOWER_FIELD = "text_tower_sha256"  # manifest: the CLIP text tower a `classes add` verified (training/onboard.text_row)
@@ -62,9 +63,14 @@ class AddClass:
     admin_key_file: str | None = None
     grpc_port: int = DEFAULT_GRPC_PORT  # the server's gRPC port: the loads go there (live_reload.py)
     augment: str = DEFAULT_AUGMENT  # which views of each image feed the bank (training.onboard.AUGMENTS)
+    fusion_weight: float | None = None  # the segmentor's weight in the class's map (training.onboard.fusion_weight_of)
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        fw = self.fusion_weight
+        if fw is not None and (isinstance(fw, bool) or not isinstance(fw, (int, float)) or not 0 < fw < MAX_FUSION_WEIGHT):
+            raise ConfigError("fusion_weight", f"{fw!r}: a number above 0 and under {MAX_FUSION_WEIGHT:g} (the segmentor's "
+                              "weight against the deviation term); leave it out for the measured default")
         if self.augment not in AUGMENTS:
             raise ConfigError("augment", f"{self.augment!r}: choose one of {', '.join(AUGMENTS)} ('none' for a product "
                               "whose moved or mirrored image is itself a defect)")
@@ -173,7 +179,7 @@ def _onboard(cfg: AddClass, repo: Path, manifest: dict):
     words = cfg.prompt or cfg.name
     rows = class_rows(model, info, cfg.name, frames, held, words=words, defects=tuple(cfg.defects),
                       clip_weights=_clip_weights(cfg, info), reference=_reference(info, repo, words),
-                      verified_tower=manifest.get(TEXT_TOWER_FIELD, ""), augment=cfg.augment)
+                      verified_tower=manifest.get(TEXT_TOWER_FIELD, ""), augment=cfg.augment, fusion_weight=cfg.fusion_weight)
     return rows, files
 
 
@@ -211,7 +217,7 @@ def _add_change(cfg: AddClass, rows, files: list[Path]):
         table.write(stage)
         prune_versions(new.parent)
         edit = {"op": "add", "name": cfg.name, "id": table.live[cfg.name], "threshold": rows.threshold,
-                "calibration": rows.calibration, "augment": cfg.augment, "calibration_scores": list(rows.scores), "prompt": cfg.prompt or cfg.name,
+                "calibration": rows.calibration, "augment": cfg.augment, "fusion_weight": rows.fusion_weight, "calibration_scores": list(rows.scores), "prompt": cfg.prompt or cfg.name,
                 "defects": list(cfg.defects), "images": {p.name: sha256_file(p) for p in files}}
         doc = _edited_manifest(manifest, table, new, edit)
         doc[TEXT_TOWER_FIELD] = rows.text_tower_sha256  # checked against the run's rows: the next add may skip the check

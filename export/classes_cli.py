@@ -6,7 +6,7 @@ import argparse
 
 from promptmad import contract
 from promptmad.export.live_reload import DEFAULT_GRPC_PORT
-from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT
 
 DESCRIPTION = (
     "Add a product class to an exported repository without retraining, or retire one. `add` computes the class's "
@@ -68,9 +68,13 @@ def _register_add(sub) -> None:
     a.add_argument("--held-out", metavar="DIR", help=HELD_OUT_HELP)
     a.add_argument("--augment", choices=list(AUGMENTS), default=DEFAULT_AUGMENT,
                    help="views of each image whose patches also feed the class's normal bank (a fuller bank from few "
-                        "images): 'shifts' (moved by half a patch: a product that sits a few pixels off), 'flips' (its 3 "
+                        "images): 'shifts' (moved by half a patch in the 8 directions: a product that sits a few pixels off), 'flips' (its 3 "
                         "mirror images), 'texture' (all 8 rotations and mirror images: a texture with no up or side), 'none' (a product whose moved or mirrored image is itself a defect) "
                         f"(default: {DEFAULT_AUGMENT})")
+    a.add_argument("--fusion-weight", type=float, metavar="W",
+                   help="the segmentor's weight in the class's map, deviation + W x segmentor probability (default: "
+                        f"{ONBOARD_FUSION_WEIGHT:g} or the run's if lower, the run's with one image and no --held-out: "
+                        "a segmentor that never saw the product fires on its normal images too; measured in README)")
     a.add_argument("--run", help="the trained run the repository was exported from (default: the manifest's `checkpoint`)")
     a.add_argument("--clip-weights", help="the CLIP weights the run was trained with, if they moved (default: the run's)")
     a.add_argument("--prompt", metavar="WORDS", help="words describing the product for its text prompts, used in place "
@@ -111,7 +115,7 @@ def _add(args) -> int:
     from promptmad.export.classes import AddClass, add_class
 
     cfg = AddClass(repo=args.repo, name=args.name, images=args.images, shots=args.shots, held_out=args.held_out, run=args.run,
-                   augment=args.augment,
+                   augment=args.augment, fusion_weight=args.fusion_weight,
                    server=args.server, clip_weights=args.clip_weights, prompt=args.prompt, defects=tuple(args.defect),
                    admin_key_file=args.admin_key_file, grpc_port=args.grpc_port)
     done = add_class(cfg)

@@ -252,13 +252,48 @@ def test_onboarding_a_trained_class_from_its_own_images_reproduces_its_trained_r
                                      info.training["calibration_fraction"])
     frames = [np.stack([resize_rgb(read_rgb(s.image), 64) for s in sorted(x, key=lambda s: str(s.image))]) for x in (train, calib)]
     text = np.load(tiny_repository / BANK / "1" / contract.TEXT_TABLE_FILE)
-    rows = class_rows(model, info, "coffee", frames[0], frames[1], reference=("brick", text[0]))
+    rows = class_rows(model, info, "coffee", frames[0], frames[1], reference=("brick", text[0]),
+                      fusion_weight=float(model.segmentor.fusion_weight))  # the run's weight, as a trained class
     cid = TINY_CLASSES.index("coffee")
     for f, row in rows.tables().items():
         served = np.load(tiny_repository / BANK / "1" / f)[cid]
         tol = 1e-5 if f == contract.PROMPT_TABLE_FILE else 0  # the prompt image went through a batch of one, not of all classes
         assert np.abs(row - served).max() <= tol, f
     assert rows.threshold == pytest.approx(info.thresholds["coffee"], rel=1e-6)
+
+
+def test_an_onboarded_class_weighs_the_segmentor_by_its_own_weight_through_its_units(tiny_run, tiny_dataset, monkeypatch):
+    """The map the engines compute, deviation + w_run x probability, is (w_run / w) x (deviation + w x probability)
+    for an onboarded class: its std scaled by w / w_run, its threshold in those units; "self" units keep w_run."""
+    import torch
+
+    import promptmad.training.onboard as onboard
+    from promptmad.training.checkpoint import load_model
+    from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
+
+    frames = np.stack([resize_rgb(read_rgb(s.image), 64) for s in load_samples(tiny_dataset, split="train")[:3]])
+    run_w = float(load_model(tiny_run)[0].segmentor.fusion_weight)
+    monkeypatch.setattr(onboard, "ONBOARD_FUSION_WEIGHT", run_w / 4)
+    rows = {}
+    for key, k, asked in (("default", 3, None), ("run", 3, run_w), ("self", 1, None)):
+        model, info = load_model(tiny_run)
+        rows[key] = onboard.class_rows(model, info, "widget", frames[:k], fusion_weight=asked)
+    assert rows["default"].fusion_weight == run_w / 4 and rows["run"].fusion_weight == run_w == rows["self"].fusion_weight
+    assert rows["default"].stats[0] == rows["run"].stats[0]
+    assert rows["default"].stats[1] == pytest.approx(rows["run"].stats[1] / 4, rel=1e-6)
+    model, info = load_model(tiny_run)
+    onboard.use_class(model, rows["default"], frames[:1])
+    x = torch.from_numpy(frames[1:2])
+    with torch.no_grad():
+        f4, f8, f16 = model.encoder(x)
+        ids = torch.zeros(1, dtype=torch.long)
+        recon, text = model.forward_features(f16, ids)
+        prob, _ = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
+        bank, stats = model.class_prompts(ids)
+        unweighted = torch.from_numpy(rows["run"].stats)[None]
+        dev = model.segmentor.deviation.to_units(model.segmentor.deviation_map(f4, f8, f16, bank), unweighted)
+        served = model.predict(x, ids)["anomaly_score"][0, 0]
+    assert float(served) == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
 
 
 def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_view_of_an_image(tiny_run, tiny_dataset, monkeypatch):
@@ -276,17 +311,20 @@ def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_vi
     v = onboard.views(x, "flips")
     assert v.shape[0] == 12 and v[4].equal(x[1].flip(1)) and v[7].equal(x[1].flip(0)) and v[10].equal(x[1].flip(0).flip(1))
     assert onboard.views(x, "none").equal(x)
-    d = SHIFT_PX  # shifts: moved down, right, both; the uncovered edge mirrors the frame's own
+    d = SHIFT_PX  # shifts: moved in the 8 directions (onboard.SHIFTS order); the uncovered edge mirrors the frame's own
     s = onboard.views(x, "shifts")
-    assert s.shape[0] == 12 and s[:3].equal(x) and s[4][d:].equal(x[1][:-d]) and s[4][:d].equal(x[1][1:d + 1].flip(0))
-    assert s[7][:, d:].equal(x[1][:, :-d]) and s[10][d:, d:].equal(x[1][:-d, :-d])
+    assert s.shape[0] == 27 and s[:3].equal(x)
+    assert s[7 * 3 + 1][d:].equal(x[1][:-d]) and s[7 * 3 + 1][:d].equal(x[1][1:d + 1].flip(0))  # down
+    assert s[2 * 3 + 1][:-d].equal(x[1][d:]) and s[2 * 3 + 1][-d:].equal(x[1][-d - 1:-1].flip(0))  # up
+    assert s[5 * 3 + 1][:, d:].equal(x[1][:, :-d]) and s[8 * 3 + 1][d:, d:].equal(x[1][:-d, :-d])  # right, down-right
+    assert s[1 * 3 + 2][:-d, :-d].equal(x[2][d:, d:]) and s[1 * 3 + 2][:-d, -d:].equal(x[2][d:, -d - 1:-1].flip(1))  # up-left
     t = onboard.views(x, "texture")  # the 8 rotations and mirror images, in blocks of the 3 images
     assert t.shape[0] == 24 and t[1 * 3 + 2].equal(x[2].transpose(0, 1)) and t[3 * 3 + 2].equal(x[2].transpose(0, 1).flip(1))
     assert t[7 * 3 + 1].equal(x[1].transpose(0, 1).flip(0).flip(1))
     banks = []
     real_bank = onboard._bank
     monkeypatch.setattr(onboard, "_bank", lambda model, emb: banks.append(emb.shape[0]) or real_bank(model, emb))
-    for augment, views in (("flips", 4), ("none", 1), ("texture", 8)):
+    for augment, views in (("flips", 4), ("none", 1), ("texture", 8), ("shifts", 9)):
         banks.clear()
         model, info = load_model(tiny_run)
         onboard.class_rows(model, info, "widget", frames, augment=augment)
@@ -298,6 +336,13 @@ def test_an_unknown_augment_is_refused_naming_the_field(repo, product):
     with pytest.raises(ConfigError, match="rot45.*none, shifts, flips, texture") as err:
         AddClass(repo=str(repo), name="widget", images=str(product["images"]), augment="rot45")
     assert err.value.field == "augment"
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, 1e3, float("nan"), True])
+def test_a_fusion_weight_out_of_range_is_refused_naming_the_field(repo, product, weight):
+    with pytest.raises(ConfigError, match="above 0 and under 1000") as err:
+        AddClass(repo=str(repo), name="widget", images=str(product["images"]), fusion_weight=weight)
+    assert err.value.field == "fusion_weight"
 
 
 def test_a_text_tower_other_than_the_runs_is_refused_and_a_verified_one_not_rechecked(tiny_run, tiny_repository):

@@ -10,7 +10,8 @@ tell an onboarded class from a trained one by how its prompts were made:
   prompts each class with one normal image; further images only feed the bank);
 - normal bank [K, P]: the greedy coreset of the patch features of all the images and of their views
   (classes add --augment: shifted, mirrored, rotated; onboard_images.AUGMENTS) (model.set_normal_bank's recipe);
-- units [2] (mean, std of the distance map) and threshold from normal images the bank was not built
+- units [2] (mean, std of the distance map; the std scaled so the map weighs the segmentor by
+  ONBOARD_FUSION_WEIGHT, see weighted_stats) and threshold from normal images the bank was not built
   from, as training calibrates: `held_out` images when given; else leave-one-out (image i against the
   bank of the others and their views: K - 1 images, a bank thinner than the served one, and only K scores: a loose
   threshold); with one image and nothing held out, the image itself (its distances are 0, so the units
@@ -33,7 +34,7 @@ import torch
 from promptmad import contract
 from promptmad.errors import ConfigError
 from promptmad.training.deviation import build_bank, normal_stats
-from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, SHIFT_PX
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT, SHIFT_PX
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ClassRows:
     threshold: float
     calibration: str  # one of CALIBRATIONS
     scores: tuple[float, ...]  # the calibration images' scores
+    fusion_weight: float = 0.0  # the segmentor's weight in this class's map (fusion_weight_of)
     text_tower_sha256: str = ""  # the CLIP text tower that made `text` (checked against the run's rows)
 
     def tables(self) -> dict[str, np.ndarray]:
@@ -104,18 +106,23 @@ def _bank(model, emb: torch.Tensor) -> torch.Tensor:
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Frames [N, S, S, 3] moved down by dy and right by dx pixels; the uncovered edge is the mirror image
-    of the frame's own edge (no black border, which would be a patch the product never shows)."""
-    if dy:
-        x = torch.cat([x[:, 1:dy + 1].flip(1), x[:, :-dy]], 1)
-    if dx:
-        x = torch.cat([x[:, :, 1:dx + 1].flip(2), x[:, :, :-dx]], 2)
+    """Frames [N, S, S, 3] moved by dy pixels down (up when negative) and dx right (left when negative);
+    the uncovered edge is the mirror image of the frame's own edge (no black border, which would be a
+    patch the product never shows)."""
+    for axis, d in ((1, dy), (2, dx)):
+        n = x.shape[axis]
+        if d > 0:
+            x = torch.cat([x.narrow(axis, 1, d).flip(axis), x.narrow(axis, 0, n - d)], axis)
+        elif d < 0:
+            x = torch.cat([x.narrow(axis, -d, n + d), x.narrow(axis, n + d - 1, -d).flip(axis)], axis)
     return x
 
 
+SHIFTS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)  # the 8 directions, in SHIFT_PX
+
+
 def _shifts(x: torch.Tensor) -> torch.Tensor:
-    d = SHIFT_PX
-    return torch.cat([x, _shift(x, d, 0), _shift(x, 0, d), _shift(x, d, d)])
+    return torch.cat([x] + [_shift(x, dy * SHIFT_PX, dx * SHIFT_PX) for dy, dx in SHIFTS])
 
 
 def _flips(x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +203,27 @@ def _scores(model, frames: torch.Tensor, n_banks: int) -> np.ndarray:
     return torch.cat([model.predict(f, i)["anomaly_score"][:, 0] for f, i in zip(frames.split(_CHUNK), ids.split(_CHUNK))]).numpy()
 
 
+def fusion_weight_of(run_weight: float, calibration: str, asked: float | None = None) -> float:
+    """The segmentor's weight in an onboarded class's map: `asked` when given (classes add --fusion-weight),
+    else ONBOARD_FUSION_WEIGHT, never above the run's, and the run's with "self" units."""
+    if asked is not None:
+        return float(asked)
+    return run_weight if calibration == "self" else min(run_weight, ONBOARD_FUSION_WEIGHT)
+
+
+def weighted_stats(stats: torch.Tensor, run_weight: float, weight: float) -> torch.Tensor:
+    """Units (mean, std) under which the served map, deviation + run_weight x probability with the weight
+    baked into the engines, equals (run_weight / weight) x (deviation + weight x probability): the std
+    scaled by weight / run_weight. A positive factor per class changes no ranking within the class and
+    its threshold is set in these units, so a per-class weight needs no new tensor in the contract."""
+    if weight == run_weight:
+        return stats
+    if run_weight <= 0 or weight <= 0:
+        raise ConfigError("fusion_weight", f"{weight:g} with the run's {run_weight:g}: a weight is a scale of the run's "
+                          "segmentor term, so both must be above 0; leave --fusion-weight out")
+    return torch.stack([stats[0], stats[1] * (weight / run_weight)])
+
+
 def threshold_of(scores: np.ndarray) -> float:
     """max(mean + 3 std, max) of normal images' scores: calibration.calibrate's rule."""
     return float(max(scores.max(), scores.mean() + 3 * scores.std()))
@@ -205,11 +233,12 @@ def threshold_of(scores: np.ndarray) -> float:
 def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray | None = None, *,
                words: str | None = None, defects: tuple[str, ...] = (), clip_weights: str | None = None,
                reference: tuple[str, np.ndarray] | None = None, verified_tower: str = "",
-               augment: str = DEFAULT_AUGMENT) -> ClassRows:
+               augment: str = DEFAULT_AUGMENT, fusion_weight: float | None = None) -> ClassRows:
     """Rows and threshold of class `name` from normal frames uint8 [K, S, S, 3] (resized for the
     model) and optional held-out normal frames [M, S, S, 3]. `words`: the product words of its text
     prompts (default: the name); see text_row for `reference` and `verified_tower`; `augment`: which
-    views of each image feed the bank (AUGMENTS)."""
+    views of each image feed the bank (AUGMENTS); `fusion_weight`: the segmentor's weight in the class's
+    map (fusion_weight_of; the run's weight gives a trained class's rows exactly)."""
     x = torch.from_numpy(np.ascontiguousarray(frames))
     row, tower = text_row(model, info, words or name, defects=defects, clip_weights=clip_weights, reference=reference,
                           verified_tower=verified_tower)
@@ -220,10 +249,12 @@ def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray 
     bank = _bank(model, emb)
     held = None if held_out is None else torch.from_numpy(np.ascontiguousarray(held_out))
     check, banks, method = _calibration_set(model, x, held, emb, bank, name)
-    stats = normal_stats(_distance_maps(model, check, banks))
+    run_weight = float(model.segmentor.fusion_weight)
+    weight = fusion_weight_of(run_weight, method, fusion_weight)
+    stats = weighted_stats(normal_stats(_distance_maps(model, check, banks)), run_weight, weight)
     _use_rows(model, text, feat16, banks, stats)
     scores = _scores(model, check, len(banks))
     return ClassRows(text=text.numpy().astype(np.float32), prompt=prompt.numpy().astype(np.float32),
                      bank=bank.numpy().astype(np.float32), stats=stats.numpy().astype(np.float32),
                      threshold=threshold_of(scores), calibration=method, scores=tuple(float(s) for s in scores),
-                     text_tower_sha256=tower)
+                     fusion_weight=weight, text_tower_sha256=tower)
