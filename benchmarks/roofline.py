@@ -48,7 +48,7 @@ def served_threads(repo: Path | str) -> dict[str, dict[str, int]]:
         if not path.is_file():
             raise BenchError(f"{path}: missing; the roofline reads each step's threads from an exported repository")
         cfg = read_config(path)
-        threads = cfg.parameters["intra_op_threads"].string_value if "intra_op_threads" in cfg.parameters else "0"
+        threads = cfg.parameters[contract.PARAM_ORT_THREADS].string_value if contract.PARAM_ORT_THREADS in cfg.parameters else "0"
         out[step] = {"instances": sum(g.count or 1 for g in cfg.instance_group) or 1, "threads": int(threads)}
     return out
 

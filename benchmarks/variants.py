@@ -40,6 +40,8 @@ class Variant:
     layout: str = "steps"
     batching: bool = True
     engine_instances: int | None = KEEP
+    ort_threads: int | None = KEEP  # ONNX Runtime intra-op threads of each engine instance
+    spinning: bool | None = KEEP  # ONNX Runtime's thread pool spins between ops (its default) or sleeps
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -48,12 +50,20 @@ class Variant:
             raise BenchError(f"variant {self.name}: layout {self.layout!r}, choose one of {', '.join(contract.LAYOUTS)}")
         if self.engine_instances is not None and not 1 <= self.engine_instances <= 16:
             raise BenchError(f"variant {self.name}: engine_instances {self.engine_instances}, give 1..16 (or leave it as exported)")
+        if self.ort_threads is not None and not 1 <= self.ort_threads <= 64:
+            raise BenchError(f"variant {self.name}: ort_threads {self.ort_threads}, give 1..64 (or leave it as exported)")
 
 
 PRESETS = {v.name: v for v in (
     Variant("default", layout="fused", batching=False),  # what `promptmad export` gives for python-ort
     Variant("fused-batching", layout="fused"),
     Variant("fused-1", layout="fused", batching=False, engine_instances=1),
+    # each instance on every core: one frame alone gets both, two frames share them (4 threads on 2 cores;
+    # spinning off, else each pool spins on the cores the other computes on: in-process, two sessions at
+    # once ran 18.6 frames/s spinning, 24.7 sleeping, 31.7 with one thread each; AMD EPYC Zen 4)
+    Variant("fused-2threads", layout="fused", batching=False, ort_threads=2, spinning=False),
+    # one frame at a time on every core, spinning (ONNX Runtime's default): the latency layout of one camera
+    Variant("fused-1-2threads", layout="fused", batching=False, engine_instances=1, ort_threads=2, spinning=True),
     Variant("steps", batching=False),
     Variant("steps-batching"),  # the export default until 2026-12-06
     Variant("engines-1", engine_instances=1),  # step layout, batching: the instance counts of steps-batching changed
@@ -102,6 +112,10 @@ def _change(variant: Variant, stage: Path, manifest: dict) -> dict:
         if variant.engine_instances is not KEEP and cfg.name in engines:
             for group in cfg.instance_group:
                 group.count = variant.engine_instances
+        if variant.ort_threads is not KEEP and cfg.name in engines:
+            cfg.parameters[contract.PARAM_ORT_THREADS].string_value = str(variant.ort_threads)
+        if variant.spinning is not KEEP and cfg.name in engines:
+            cfg.parameters[contract.PARAM_ORT_SPINNING].string_value = "1" if variant.spinning else "0"
         write_config(cfg_path, cfg)
     return {**manifest, "variant": asdict(variant), "dynamic_batching": variant.batching}
 
@@ -125,6 +139,16 @@ def build_variant(repo: str | Path, variant: Variant, out_dir: str | Path) -> Pa
     shutil.copytree(repo, out_dir)
     edit_repository(out_dir, lambda stage, manifest: _change(variant, stage, manifest))
     return out_dir
+
+
+def engine_threads(repo: Path) -> str:
+    """ONNX Runtime threads per engine instance of a built repository, and ' spin' when its pool spins."""
+    from promptmad.export.repository_edit import read_config
+
+    cfg = read_config(Path(repo) / _engine_models(Path(repo))[-1] / "config.pbtxt")
+    threads = cfg.parameters[contract.PARAM_ORT_THREADS].string_value if contract.PARAM_ORT_THREADS in cfg.parameters else "?"
+    spin = cfg.parameters[contract.PARAM_ORT_SPINNING].string_value if contract.PARAM_ORT_SPINNING in cfg.parameters else "1"
+    return threads + (" spin" if spin == "1" and threads != "1" else "")
 
 
 def engine_instances(repo: Path) -> dict[str, int]:
@@ -186,14 +210,15 @@ def format_markdown(summary: dict) -> str:
              f"{':'.join(map(str, summary['concurrency']))}, {summary['rounds']} rounds alternated "
              f"({' '.join(v['name'] for v in summary['variants'])}, repeated). Medians over rounds; ratios: median of "
              f"the per-round ratios to `{ref}`.", "",
-             f"| variant | layout | batching | engine instances ({'/'.join(contract.ENGINE_STEPS)}, or fused) | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"| variant | layout | batching | engine instances ({'/'.join(contract.ENGINE_STEPS)}, or fused) | ORT threads per instance | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for v in summary["variants"]:
         s = summary["results"][v["name"]]
         r = s["ratio_to_" + ref]
         inst = "/".join(str(n) for n in summary["engine_instances"][v["name"]].values())
         flag = "" if s["stable"] else " (unstable)"
-        lines.append(f"| {v['name']}{flag} | {v['layout']} | {'on' if v['batching'] else 'off'} | {inst} | {s['c1']['fps']:.1f} | "
+        threads = summary.get("engine_threads", {}).get(v["name"], "?")
+        lines.append(f"| {v['name']}{flag} | {v['layout']} | {'on' if v['batching'] else 'off'} | {inst} | {threads} | {s['c1']['fps']:.1f} | "
                      f"{s['c1']['p50_ms']:.0f} / {s['c1']['p95_ms']:.0f} | {s['best']['fps']:.1f} ({'/'.join(map(str, s['best_concurrency']))}) | "
                      f"{s['best']['p50_ms']:.0f} / {s['best']['p95_ms']:.0f} | {r['c1']:.2f}x | {r['best']:.2f}x |")
     fastest = max(summary["variants"], key=lambda v: summary["results"][v["name"]]["best"]["fps"])["name"]
@@ -226,6 +251,7 @@ def run_variants(repo: str | Path, data: str | Path, out: str | Path, variants: 
     out.mkdir(parents=True, exist_ok=True)
     repos = {v.name: build_variant(repo, v, out / "repos" / v.name) for v in variants}
     instances = {name: engine_instances(path) for name, path in repos.items()}
+    threads = {name: engine_threads(path) for name, path in repos.items()}
     servers = {}
     try:
         for name, path in repos.items():
@@ -249,7 +275,7 @@ def run_variants(repo: str | Path, data: str | Path, out: str | Path, variants: 
     summary = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": machine_description(), "instruction_sets": instruction_sets(), "repository": str(repo), "data": str(data), "image_size": size,
                "n_frames": n_frames, "concurrency": list(concurrency), "rounds": rounds, "request_count": request_count,
-               "variants": [asdict(v) for v in variants], "engine_instances": instances, "per_round": per_round, "results": summarise(per_round, names)}
+               "variants": [asdict(v) for v in variants], "engine_instances": instances, "engine_threads": threads, "per_round": per_round, "results": summarise(per_round, names)}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "results.md").write_text(format_markdown(summary))
     return summary

@@ -151,7 +151,7 @@ def _set_engine_runtime(cfg, spec: RepositorySpec) -> None:
     else:
         cfg.backend = "python"
         _set_param(cfg, "onnx_file", contract.ONNX_FILE)
-        _set_param(cfg, "intra_op_threads", str(spec.ort_threads))
+        _set_param(cfg, contract.PARAM_ORT_THREADS, str(spec.ort_threads))
     del cfg.instance_group[:]
     group = cfg.instance_group.add()
     group.count = spec.instance_count or default_instances(spec.runtime).get(cfg.name, 1)

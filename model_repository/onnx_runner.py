@@ -23,8 +23,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))  # contract.PARAM_ORT_THREADS
         options.inter_op_num_threads = 1
+        # contract.PARAM_ORT_SPINNING: "0" makes the pool sleep between ops, so the threads of one instance do
+        # not spin on cores another instance (or step) is computing on
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         # `providers` (comma-separated, default CPU): e.g. "CUDAExecutionProvider,CPUExecutionProvider" on a GPU.
         # ONNX Runtime falls back to CPU silently when the first one is missing: refuse that at load time instead.
         providers = params.get("providers", "CPUExecutionProvider").split(",")

@@ -26,11 +26,13 @@ def test_variant_fields_are_checked():
         Variant("x", layout="merged")
     with pytest.raises(BenchError, match="engine_instances 0"):
         Variant("x", engine_instances=0)
+    with pytest.raises(BenchError, match="ort_threads 0"):
+        Variant("x", ort_threads=0)
     with pytest.raises(BenchError, match="plain folder name"):
         Variant("../x")
 
 
-@pytest.mark.parametrize("name", ["default", "fused-batching", "steps", "engines-2"])
+@pytest.mark.parametrize("name", ["default", "fused-batching", "steps", "engines-2", "fused-2threads", "fused-1-2threads"])
 def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path, name):
     variant = PRESETS[name]
     before = verify_repository_checksums(tiny_repository)
@@ -55,6 +57,13 @@ def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path,
         else:
             assert count == reference.instance_group[0].count, model
         assert cfg.max_batch_size == reference.max_batch_size, model
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        if model in engines and variant.ort_threads is not None:
+            assert params[contract.PARAM_ORT_THREADS] == str(variant.ort_threads), model
+            assert params[contract.PARAM_ORT_SPINNING] == ("1" if variant.spinning else "0"), model
+        elif contract.PARAM_ORT_THREADS in reference.parameters:
+            assert params[contract.PARAM_ORT_THREADS] == reference.parameters[contract.PARAM_ORT_THREADS].string_value, model
+            assert contract.PARAM_ORT_SPINNING not in params, model
 
 
 def test_variants_are_built_from_the_step_layout_only(tiny_repository, tmp_path):
