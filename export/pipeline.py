@@ -281,9 +281,9 @@ def export_run(
         repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
         if layout != contract.LAYOUTS[0]:  # a second atomic swap: the step layout in between is a valid repository
-            from promptmad.export.fused import fuse_repository
+            from promptmad.export.fused import FUSED_INSTANCES, fuse_repository
 
-            manifest = fuse_repository(repo)
+            manifest = fuse_repository(repo, instances=instance_count or FUSED_INSTANCES)  # --instances holds for it too
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s, %s)", run_dir, repo, runtime, precision)

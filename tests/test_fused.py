@@ -240,6 +240,18 @@ def test_python_ort_export_defaults_to_the_fused_layout_without_dynamic_batching
     assert not (tmp_path / "ort").exists()
 
 
+def test_export_instances_and_threads_hold_for_the_fused_step(tiny_run, tiny_dataset, tmp_path):
+    """`promptmad export --instances 1 --ort-threads 2` (the one-camera latency layout, benchmarks/README.md)
+    gives the fused step 1 instance of 2 ONNX Runtime threads, not the fused default's 2 x 1."""
+    from promptmad.export.pipeline import export_run
+
+    repo = export_run(tiny_run, tmp_path / "lat", max_batch=4, data=tiny_dataset, instance_count=1, ort_threads=2).repository
+    cfg = read_config(repo / contract.FUSED_ENGINE.name / "config.pbtxt")
+    assert [g.count for g in cfg.instance_group] == [1]
+    assert cfg.parameters[contract.PARAM_ORT_THREADS].string_value == "2"
+    assert verify_repository_checksums(repo)["fused_instances"] == 1
+
+
 def test_bench_reads_the_fused_layout_in_process(fused_repository, tiny_repository, frames, tmp_path):
     """`promptmad bench`'s in-process parts on the default (fused) repository: the ONNX Runtime chain is
     its one graph and gives the step layout's map; --write-input-data writes fused_engine's real inputs."""
