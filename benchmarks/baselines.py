@@ -36,6 +36,22 @@ def measure(fn: Predictor, frames: Sequence[np.ndarray], class_ids: Sequence[int
             "p99_ms": float(np.percentile(lat_ms, 99)), "frames": i}
 
 
+DRIFT = 0.15  # baseline runs further apart than this (of their mean) are flagged in results.md
+
+
+def bracket(before: dict[str, float], after: dict[str, float]) -> dict:
+    """One baseline measured before and after the served sweeps, as one figure: the mean of the two
+    runs' FPS and latencies, and both FPS (`fps_runs`) with their spread (|a - b| / mean). A shared
+    machine drifts over the minutes a sweep takes (2-thread in-process timings moved by up to 50%
+    between two runs minutes apart on a 2-core VM); a ratio to a bracketing mean is fairer than to
+    one end, and the spread says how far to trust it."""
+    runs = (before["fps"], after["fps"])
+    mean = (runs[0] + runs[1]) / 2
+    out = {k: (before[k] + after[k]) / 2 for k in ("fps", "p50_ms", "p95_ms", "p99_ms")}
+    return {**out, "frames": before["frames"] + after["frames"], "fps_runs": list(runs),
+            "spread": abs(runs[0] - runs[1]) / mean if mean else 0.0}
+
+
 def pytorch_predictor(run_dir, device: str = "cpu") -> Predictor:
     """PyTorch eager on a training run: resize, model, map back to the frame size and (on a GPU)
     back to host memory, as a client needs it."""

@@ -74,7 +74,8 @@ def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_breakdown_lines(summary), *_composing_lines(summary),
+    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_baseline_lines(summary), *_breakdown_lines(summary),
+             *_composing_lines(summary),
              *_roofline_lines(summary)]
     if not math.isnan(summary.get("server_peak_rss_mib", NAN) or NAN):
         lines += ["", f"Server peak resident memory (tritonserver + Python-backend stubs, sum of VmHWM): "
@@ -110,6 +111,22 @@ def _results_table(summary: dict) -> list[str]:
             f"{_f(rt.get('triton_best_vs_pytorch_b1'), '.2f', 'x')} | {_f(rt.get('triton_c1_vs_onnxruntime_b1'), '.2f', 'x')} | "
             f"{_f(rt.get('triton_best_vs_onnxruntime_b1'), '.2f', 'x')} |")
     return lines
+
+
+def _baseline_lines(summary: dict) -> list[str]:
+    """The in-process baselines' two runs (before and after the served sweeps), flagged when they drifted."""
+    from promptmad.benchmarks.baselines import DRIFT
+
+    lines = []
+    for size, r in summary["results"].items():
+        runs = [(name, r[key]) for key, name in (("pytorch_eager_b1", "PyTorch eager"), ("onnxruntime_b1", "ONNX Runtime"))
+                if "fps_runs" in r.get(key, {})]
+        if runs:
+            lines.append(f"{size}x{size} in-process baselines, FPS before / after the served sweeps (the table: their mean): " + ", ".join(
+                f"{name} {v['fps_runs'][0]:.1f} / {v['fps_runs'][1]:.1f}"
+                + (f" (**drifted {100 * v['spread']:.0f}%**: ratios to it are that uncertain)" if v["spread"] > DRIFT else "")
+                for name, v in runs))
+    return lines + [""] if lines else []
 
 
 def _breakdown_lines(summary: dict) -> list[str]:

@@ -265,6 +265,23 @@ def test_markdown_and_comparison_csv(tmp_path):
     assert text[0].startswith("frames,system,mode,fps") and len(text) == 1 + len(rows)
 
 
+def test_baselines_bracket_the_sweeps_and_a_drift_is_flagged():
+    """A baseline is measured before and after the served sweeps: the table and the ratios use the mean,
+    results.md gives both runs and flags a spread over DRIFT."""
+    from promptmad.benchmarks.baselines import DRIFT, bracket
+
+    run = lambda fps: {"fps": fps, "p50_ms": 1000 / fps, "p95_ms": 1000 / fps, "p99_ms": 1000 / fps, "frames": 10}
+    steady, drifted = bracket(run(20.0), run(21.0)), bracket(run(17.0), run(26.0))
+    assert steady["fps"] == 20.5 and steady["fps_runs"] == [20.0, 21.0] and steady["frames"] == 20
+    assert steady["spread"] < DRIFT < drifted["spread"] == pytest.approx(9 / 21.5)
+    summary = _summary()
+    summary["results"]["224"]["pytorch_eager_b1"] = steady
+    summary["results"]["224"]["onnxruntime_b1"] = drifted
+    md = format_markdown(summary)
+    assert "| 224x224 | 20.5 | 21.5 |" in md
+    assert "PyTorch eager 20.0 / 21.0, ONNX Runtime 17.0 / 26.0 (**drifted 42%**" in md
+
+
 def test_plots_from_real_sample(tmp_path):
     from promptmad.benchmarks.plots import plot_breakdown, plot_step_latency, plot_sweeps
 
