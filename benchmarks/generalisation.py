@@ -184,22 +184,23 @@ def _normal_frames(data: str | Path, cls: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([resize_rgb(read_rgb(s.image), size) for s in load_samples(data, split="train", classes=[cls])]))
 
 
-def _score_peers(encoder, cls: str, data, test: dict, seed: int, cache: dict) -> dict[str, dict]:
-    """{peer variant: {kind: metrics}} of one class; the cache holds results keyed by encoder,
-    class, variant and (for k-shot only) seed."""
+def _score_peers(encoder, cls: str, data, test: dict, seed: int, cache: dict,
+                 shots: dict[str, int | None] = PEER_SHOTS) -> dict[str, dict]:
+    """{peer variant: {kind: metrics}} of one class, a variant per entry of `shots` (name -> k, None:
+    every normal image); the cache holds results keyed by encoder, class, variant and (k-shot only) seed."""
     from promptmad.training.knn_peer import KnnPeer
 
     size = test["frames"].shape[1]
     fp = _fingerprint(encoder, size)
-    keys = {v: (fp, cls, v, None if k is None else seed) for v, k in PEER_SHOTS.items()}
-    todo = [v for v in PEER_SHOTS if keys[v] not in cache]
+    keys = {v: (fp, cls, v, None if k is None else seed) for v, k in shots.items()}
+    todo = [v for v in shots if keys[v] not in cache]
     if todo:
         peer = KnnPeer(encoder)
         normal = peer.embed(_normal_frames(data, cls, size))
         feats = peer.embed(torch.from_numpy(test["frames"]))
         for v in todo:
-            cache[keys[v]] = per_kind(test, *_peer(peer, cls, normal, feats, PEER_SHOTS[v], seed, size))
-    return {v: cache[keys[v]] for v in PEER_SHOTS}
+            cache[keys[v]] = per_kind(test, *_peer(peer, cls, normal, feats, shots[v], seed, size))
+    return {v: cache[keys[v]] for v in shots}
 
 
 def score_run(run: str | Path, data, split: Path, classes: Sequence[str] | None, cache: dict,

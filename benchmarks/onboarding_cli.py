@@ -16,13 +16,18 @@ examples:
   # reuse a run trained on all classes; train the 4-class run without brick; K = 1, 2, 4:
   promptmad onboard-bench --data data/synth --trained runs/seed0 --holdout brick --steps 300 --out runs/onboard
 
+  # how many images a new product needs: K = 1, 2, 4 and 8, each next to the peer on the same images:
+  promptmad onboard-bench --data data/synth --trained runs/seed0 --holdout-run brick=runs/onboard/runs/holdout-brick \
+    --holdout brick --shots 1 2 4 8 --out runs/onboard-k8
+
   # every class held out in turn, all runs trained here (600 steps each):
   promptmad onboard-bench --data data/synth --steps 600 --out runs/onboard
 
 what is written to --out:
   results.md    one table per metric (I-AUROC, P-AUROC, P-AP, AUPRO): rows = defect kinds (seen-like and
-                unseen), columns = trained, onboarded-k1/k2/k4, peer-k1/k2/k4, peer-full; the issue's
-                targets at K = 4, met or missed by how much; the machine and the date
+                unseen), columns = trained, onboarded-kK and peer-kK for each --shots K, peer-full; the gap
+                to the trained class per K; the issue's targets at K = 4, met or missed by how much; the
+                machine and the date
   results.json  every number, per held-out class and kind
   runs/         the runs trained here: all (without --trained), holdout-<CLASS>
   unseen_data/  the unseen-kinds test split of the held-out classes (cached)
@@ -60,17 +65,21 @@ def register(subparsers) -> None:
     p.add_argument("--augment", default=BY_KIND, choices=[BY_KIND, *AUGMENTS],
                    help="`classes add --augment` of the onboarded classes; by-kind: texture for a texture (dataset.json's "
                         "kind, else MVTec AD's texture categories), shifts for an object (default: by-kind)")
+    # default None: onboarding.SHOTS (not imported here: it loads torch, and --help stays instant)
+    p.add_argument("--shots", type=int, nargs="+", metavar="K",
+                   help="numbers of normal images to onboard the class with, each next to the kNN peer on the same "
+                        "K images (default: 1 2 4; the targets are stated at K = 4), e.g. --shots 1 2 4 8")
     p.set_defaults(func=_onboard_bench)
 
 
 def _onboard_bench(args) -> int:
     if args.trained is None and args.steps is None:
         raise SystemExit("without --trained the all-classes run is trained here: give --steps N")
-    from promptmad.benchmarks.onboarding import format_markdown, run_onboarding
+    from promptmad.benchmarks.onboarding import SHOTS, format_markdown, run_onboarding
 
     summary = run_onboarding(args.data, args.out, trained=args.trained, holdout=args.holdout, holdout_runs=dict(args.holdout_run),
                              steps=args.steps, arch=args.arch, seed=args.seed,
-                             augment=args.augment)
+                             augment=args.augment, shots=args.shots or SHOTS)
     print(format_markdown(summary))
     print(f"written: {args.out}/results.md, results.json")
     return 0

@@ -152,6 +152,40 @@ def test_cli_is_registered_with_its_options():
     from promptmad.cli import build_parser
 
     args = build_parser().parse_args(["onboard-bench", "--data", "d", "--trained", "r", "--holdout-run", "brick=x"])
-    assert args.holdout_run == [("brick", "x")] and args.trained == "r"
+    assert args.holdout_run == [("brick", "x")] and args.trained == "r" and args.shots is None  # None: onboarding.SHOTS
+    assert build_parser().parse_args(["onboard-bench", "--data", "d", "--shots", "4", "8"]).shots == [4, 8]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["onboard-bench", "--data", "d", "--holdout-run", "brick"])
+
+
+def test_shots_are_checked_before_anything_is_trained(tiny_dataset, tiny_run, tmp_path, monkeypatch):
+    """--shots: 1..MAX_SHOTS, sorted and deduplicated; more than a held-out class's normal training images (the
+    tiny classes have 6) is refused naming the class and the count, before a holdout run is trained."""
+    import promptmad.benchmarks.onboarding as onboarding
+
+    assert onboarding.check_shots([8, 4, 4, 1]) == (1, 4, 8)
+    for bad in ([], [0], [onboarding.MAX_SHOTS + 1], [True], [2.0]):
+        with pytest.raises(ValueError, match="--shots"):
+            onboarding.check_shots(bad)
+    monkeypatch.setattr(onboarding, "train_holdout", lambda *a, **k: pytest.fail("trained before --shots was checked"))
+    with pytest.raises(ValueError, match=f"--shots 7: class '{HELD}' has 6 normal training images"):
+        onboarding.run_onboarding(tiny_dataset, tmp_path, trained=tiny_run, holdout=[HELD], shots=(1, 7))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_columns_gaps_and_targets_follow_the_shots(bench):
+    """A run's columns are those of its K (each with its peer); the gap to the trained class is given per K;
+    without K = 4 the targets are not scored, and the report says so instead of an empty section."""
+    from promptmad.benchmarks.onboarding import format_markdown, gaps, kind_table, systems_of, targets
+
+    summary = bench[1]
+    assert systems_of((4, 8)) == ("trained", "onboarded-k4", "onboarded-k8", "peer-k4", "peer-k8", "peer-full")
+    row = lambda s: summary["table"][s]["mean all"]["I-AUROC"]  # noqa: E731
+    assert summary["gap_to_trained"] == {k: round(100 * (row(f"onboarded-k{k}") - row("trained")), 2) for k in (1, 2, 4)}
+    only = {c: {**r, "per_system": {s: v for s, v in r["per_system"].items() if s not in ("onboarded-k4", "peer-k4")}}
+            for c, r in summary["per_class"].items()}
+    table = kind_table(only, (1, 2))
+    assert set(table) == set(systems_of((1, 2))) and targets(table, (1, 2)) == []
+    text = format_markdown(summary | {"shots": [1, 2], "table": table, "targets": [], "gap_to_trained": gaps(table, (1, 2))})
+    assert "| onboarded-k1 | onboarded-k2 | peer-k1 | peer-k2 | peer-full |" in text and "onboarded-k4" not in text
+    assert "K = 1: " in text and "K = 4:" not in text and "not scored: the targets are stated at K = 4" in text
