@@ -21,7 +21,8 @@ DESCRIPTION = (
 SHOTS_HELP = (
     "use the first K images of --images, by file name (default: all, at most 64). The FIRST image is the class's "
     "normal-image prompt (training prompts a class with one image); all K form its bank of normal patches, so more "
-    "images mean fewer false alarms on ordinary variation"
+    "images mean fewer false alarms on ordinary variation (measured on the embedded data, image AUROC against the "
+    "same class trained on: 4.3 points under with 4 images, 2.5 with 8; README, onboarding)"
 )
 HELD_OUT_HELP = (
     "folder of other normal images of the product, for the units and the threshold (as training calibrates). "
