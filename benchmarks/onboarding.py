@@ -2,8 +2,9 @@
 normal images scores, against the same class trained on and the K-shot kNN peer.
 
 For each held-out class: a run trained on every other class (`training.train`, --classes) onboards it
-with K of its normal training images (--shots, default K = 1, 2, 4, the issue's) through `training.onboard.class_rows` (the code path of
-`promptmad classes add`, with no held-out images: strictly K images, as the peer gets); the run trained
+with K of its normal training images (--shots; default K = 1, 2, 4, the issue's) through
+`training.onboard.class_rows` (the code path of `promptmad classes add`, with no held-out images:
+strictly K images, as the peer gets); the run trained
 on all classes (--trained) scores it as a trained class; the peer (`training.knn_peer`) is fitted on the
 very same K images (`generalisation.kshot_indices`) and on all of them. Every system is scored per
 defect kind (the dataset's seen-like kinds and the unseen kinds of `generalisation.build_unseen_split`)
