@@ -16,9 +16,10 @@ examples:
   # reuse a run trained on all classes; train the 4-class run without brick; K = 1, 2, 4:
   promptmad onboard-bench --data data/synth --trained runs/seed0 --holdout brick --steps 300 --out runs/onboard
 
-  # how many images a new product needs: K = 1, 2, 4 and 8, each next to the peer on the same images:
-  promptmad onboard-bench --data data/synth --trained runs/seed0 --holdout-run brick=runs/onboard/runs/holdout-brick \
-    --holdout brick --shots 1 2 4 8 --out runs/onboard-k8
+  # how many images a new product needs: K = 1, 2, 4 and 8 (each next to the peer on the same images),
+  # reusing the holdout run of the first example:
+  promptmad onboard-bench --data data/synth --trained runs/seed0 --holdout brick --shots 1 2 4 8 \\
+    --holdout-run brick=runs/onboard/runs/holdout-brick --out runs/onboard-k8
 
   # every class held out in turn, all runs trained here (600 steps each):
   promptmad onboard-bench --data data/synth --steps 600 --out runs/onboard
