@@ -25,7 +25,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SPLIT_VERSION = 1  # bump when the unseen generator changes: the cached split is rebuilt
-PEER_SHOTS = {"peer-full": None, "peer-k1": 1, "peer-k2": 2, "peer-k4": 4}  # None: every normal training image
+FULL_PEER = "peer-full"  # the peer on every normal training image of the class
+
+
+def peer_name(k: int) -> str:
+    """The column of the peer fitted on k normal images."""
+    return f"peer-k{k}"
+
+
+PEER_SHOTS = {FULL_PEER: None, **{peer_name(k): k for k in (1, 2, 4)}}  # None: every normal training image
 # promptmad's map and each of its two terms alone: the segmentor's probability (what the map was
 # before the deviation term) and the deviation in normal standard deviations
 TERMS = {"promptmad": "map", "promptmad-seg": "segmentor", "promptmad-dev": "deviation"}

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from promptmad.benchmarks.generalisation import FULL_PEER, peer_name
 from promptmad.training.onboard_images import BY_KIND
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,10 @@ log = logging.getLogger(__name__)
 SHOTS = (1, 2, 4)  # the K of the issue (default of --shots); each K gets its K-shot peer
 MAX_SHOTS = 64  # --shots above this is not few-shot any more (the embedded classes have 60 normal images)
 TRAINED = "trained"
-FULL_PEER = "peer-full"  # the peer on every normal training image of the class
 
 
 def onboarded(k: int) -> str:
     return f"onboarded-k{k}"
-
-
-def peer_name(k: int) -> str:
-    return f"peer-k{k}"
 
 
 def systems_of(shots: Sequence[int]) -> tuple[str, ...]:
