@@ -296,6 +296,43 @@ def test_an_onboarded_class_weighs_the_segmentor_by_its_own_weight_through_its_u
     assert float(served) == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
 
 
+def test_a_profiled_run_onboards_with_its_own_weight_and_the_gain_commutes_with_the_units(tiny_run, tiny_dataset, monkeypatch):
+    """A run with a position profile: an onboarded class gets ONBOARD_FUSION_WEIGHT_PROFILED, and its served
+    score is still (w_run / w) x max(gain x deviation + w x probability): the per-pixel gain commutes with the
+    std scaling that carries the class's weight (an additive per-pixel term would not)."""
+    import torch
+
+    import promptmad.training.onboard as onboard
+    from promptmad.training.checkpoint import load_model
+    from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
+
+    frames = np.stack([resize_rgb(read_rgb(s.image), 64) for s in load_samples(tiny_dataset, split="train")[:3]])
+    gain = torch.from_numpy(np.random.default_rng(0).uniform(0.5, 2.0, (64, 64))).float()
+    run_w = float(load_model(tiny_run)[0].segmentor.fusion_weight)
+    monkeypatch.setattr(onboard, "ONBOARD_FUSION_WEIGHT", run_w / 2)
+    monkeypatch.setattr(onboard, "ONBOARD_FUSION_WEIGHT_PROFILED", run_w / 4)
+    rows = {}
+    for key, asked in (("default", None), ("run", run_w)):
+        model, info = load_model(tiny_run)
+        model.segmentor.position_profile.copy_(gain)
+        rows[key] = onboard.class_rows(model, info, "widget", frames, fusion_weight=asked)
+    assert rows["default"].fusion_weight == run_w / 4
+    model, info = load_model(tiny_run)
+    model.segmentor.position_profile.copy_(gain)
+    onboard.use_class(model, rows["default"], frames[:1])
+    x = torch.from_numpy(frames[1:2])
+    with torch.no_grad():
+        f4, f8, f16 = model.encoder(x)
+        ids = torch.zeros(1, dtype=torch.long)
+        recon, text = model.forward_features(f16, ids)
+        prob, _ = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
+        bank, _ = model.class_prompts(ids)
+        unweighted = torch.from_numpy(rows["run"].stats)[None]
+        dev = gain * model.segmentor.deviation.to_units(model.segmentor.deviation_map(f4, f8, f16, bank), unweighted)
+        served = model.predict(x, ids)["anomaly_score"][0, 0]
+    assert float(served) == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
+
+
 def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_view_of_an_image(tiny_run, tiny_dataset, monkeypatch):
     """--augment flips: the bank is built from the K images and their 3 mirror images; leave-one-out scores
     image i against a bank without any view of it (its mirror image would be a near-duplicate of it and

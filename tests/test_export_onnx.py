@@ -32,6 +32,8 @@ def exported(tmp_path_factory):
     m = tiny_model()
     rng = np.random.default_rng(0)
     _with_banks(m, [torch.from_numpy(rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)) for _ in range(3)])
+    # a fitted (non-identity) position profile: the graphs must carry it (parity below fails without it)
+    m.segmentor.position_profile.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, (64, 64))).float())
     frames = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     ids = np.array([0, 1, 2])
     ref = reference_outputs(m, frames, ids, prompt_tables(m))

@@ -102,6 +102,46 @@ def test_map_is_deviation_in_normal_units_plus_weighted_segmentor():
     assert torch.allclose(m.predict(normals[1][-2:], ids)["anomaly_map"], units + 3.0 * prob, atol=1e-5)
 
 
+def test_position_profile_evens_out_each_pixel_and_the_identity_changes_nothing():
+    """Fitted on held-out normal maps, the profile brings every pixel's high quantile of those maps to the
+    same level (a border that rises more no longer sets the image score); the identity profile, which an
+    old checkpoint loads with, gives the map bit-identical to the plain units; the map uses the profile."""
+    from promptmad.training.deviation import PROFILE_FLOOR, PROFILE_QUANTILE, apply_profile, identity_profile, position_profile
+
+    m = tiny_model()
+    normals = [torch.randint(0, 255, (6, 64, 64, 3), dtype=torch.uint8) for _ in range(3)]
+    _with_banks(m, normals)
+    held = torch.cat([n[-2:] for n in normals])
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    with torch.no_grad():
+        plain = m.segmentor.units(*m.encoder(held), *m.class_prompts(ids))
+        before = m.predict(held, ids)["anomaly_map"]
+        profile = position_profile(plain)
+        assert torch.equal(apply_profile(plain, identity_profile(64)), plain)
+        m.segmentor.position_profile.copy_(profile)
+        even = m.segmentor.units(*m.encoder(held), *m.class_prompts(ids))
+        after = m.predict(held, ids)["anomaly_map"]
+    level = lambda x: torch.quantile(x.flatten(1), PROFILE_QUANTILE, dim=0).reshape(64, 64)
+    risen = level(plain) >= PROFILE_FLOOR
+    assert float(risen.float().mean()) > 0.5 and float(level(plain)[risen].max() / level(plain)[risen].min()) > 1.5
+    evened = level(even)[risen]
+    assert float(evened.max() - evened.min()) < 1e-4 * float(evened.mean())
+    assert torch.allclose(after - before, even - plain, atol=1e-4)  # the segmentor term is untouched
+
+
+def test_checkpoint_without_position_profile_loads_as_identity(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = tiny_model()
+    save_run(tmp_path / "run", m, RunInfo(arch=m.cfg, classes=["a", "b", "c"], prompts={}))
+    weights = tmp_path / "run" / "model.safetensors"
+    old = load_file(str(weights))
+    del old["segmentor.position_profile"]
+    save_file(old, str(weights))
+    loaded, _ = load_model(tmp_path / "run")
+    assert torch.equal(loaded.segmentor.position_profile, torch.ones(64, 64))
+
+
 def test_deviation_is_zero_on_its_own_bank_and_grows_off_it():
     """Frames whose every patch is in the bank are at distance 0; a frame from elsewhere is farther.
     The bank keeps its static size: fewer patches than rows are repeated, more are a coreset."""

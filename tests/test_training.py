@@ -86,6 +86,33 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_dataset, tmp_path, 
     assert json.loads((killed / "config.json").read_text())["training"]["steps_done"] == 4
 
 
+def test_position_profile_recalibrates_a_finished_run_without_training(tiny_run, tiny_dataset, tmp_path, monkeypatch):
+    """`promptmad train --position-profile` on a finished run: no step is trained again, the weights stay,
+    the profile is fitted (recorded in config.json) and the thresholds are set on the profiled map; the
+    same command without the flag puts the identity back."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    calls, real_forward = [], TrainStep.forward
+    monkeypatch.setattr(TrainStep, "forward", lambda self, *a: calls.append(1) or real_forward(self, *a))
+    cfg = dict(data=str(tiny_dataset), arch="tiny", steps=4, batch_size=2, num_workers=0, seed=0)
+    train(TrainConfig(out=str(run), position_profile=True, **cfg))
+    assert calls == []
+    before, after = load_file(str(tiny_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"segmentor.position_profile"} | ({"segmentor.fusion_weight"} & changed)
+    info = json.loads((run / "config.json").read_text())
+    assert info["calibration"]["position_profile"]["images"] == 2 * len(TINY_CLASSES)  # the held-out images
+    gain = after["segmentor.position_profile"]
+    assert float(gain.min()) < 1 < float(gain.max())
+    old = json.loads((tiny_run / "config.json").read_text())["calibration"]["thresholds"]
+    assert info["calibration"]["thresholds"] != old
+    train(TrainConfig(out=str(run), **cfg))
+    assert torch.equal(load_model(run)[0].segmentor.position_profile, torch.ones_like(gain))
+    assert "position_profile" not in json.loads((run / "config.json").read_text())["calibration"]
+
+
 def _term_p_aurocs(run_dir, data) -> dict[str, float]:
     """Pixel AUROC on the test split of each of the map's two terms ("segmentor": the learned
     probability, "deviation": the unsupervised distance to the normal bank), over all classes."""

@@ -57,6 +57,10 @@ def _register_train(subparsers) -> None:
     p.add_argument("--no-text-prompts", action="store_true", help="ablation: disable the CLIP text prompts")
     p.add_argument("--diffusion-steps", type=int, help="override the architecture's diffusion steps (0 = no refinement)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a checkpoint")
+    p.add_argument("--position-profile", action="store_true",
+                   help="calibrate the deviation term per pixel position as well (normal frames peak in their border "
+                        "ring; see training/deviation.py). On a finished run (same --out and arguments) it only "
+                        "recalibrates: no step is trained again")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.set_defaults(func=_train)
 
@@ -100,7 +104,7 @@ def _train(args) -> int:
         data=args.data, out=args.out, arch=args.arch, classes=args.classes, layout=args.layout, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_workers=args.workers, clip_weights=args.clip_weights,
         loss=args.loss, prompt_mode=args.prompt_mode, use_text_prompts=False if args.no_text_prompts else None, diffusion_steps=args.diffusion_steps,
-        resume=not args.no_resume, device=args.device,
+        resume=not args.no_resume, device=args.device, position_profile=args.position_profile,
     )
     out = train(cfg)
     print(f"trained run written to {out}\nnext: promptmad evaluate --ckpt {out} --data {args.data}")

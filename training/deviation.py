@@ -17,7 +17,13 @@ do not change when classes do.
   ArgMin: a static graph for ONNX Runtime and TensorRT, no cdist), its distance from the row itself;
 - units: (distance - mean) / std, the mean and std of the smoothed distance map over the class's
   held-out normal images (`normal_stats`), so 0 is "as normal as the calibration images" and the
-  threshold is a number of standard deviations, not a 1e-5 margin of a saturated sigmoid.
+  threshold is a number of standard deviations, not a 1e-5 margin of a saturated sigmoid;
+- position profile (optional, `promptmad train --position-profile`): those units times a gain per pixel
+  position, from every trained class's held-out normal maps (position_profile). Why: a
+  normal frame's deviation peaks in its border ring (the encoder's zero padding, parts entering the
+  frame), for every class and most of all with a thin bank, so the image score of a good frame is its
+  border's and a defect inside must beat it. The profile is position-only (no class in it), so a class
+  added later from a few images gets it too. Identity (gain 1) unless fitted.
 
 The training-free kNN peer of the benchmarks (`knn_peer.py`) uses these same features, so the two
 differ only in what promptmad adds on top.
@@ -32,6 +38,10 @@ from torch import Tensor, nn
 PROJECTION_SEED = 0  # fixed: every run and the peer project the same way
 _SELECT_DIM = 32  # channels the coreset selection looks at
 _MIN_STD = 1e-3  # a class whose held-out maps do not vary still gets finite units
+# position profile: the per-pixel level of normal maps it evens out (a high quantile: only the high values
+# set an image's score), and its floor in class units (a pixel that hardly ever rises is not blown up by noise)
+PROFILE_QUANTILE = 0.95
+PROFILE_FLOOR = 0.5
 
 
 def random_projection(channels: int, dim: int) -> Tensor:
@@ -81,6 +91,30 @@ class PatchDeviation(nn.Module):
     def to_units(dist_map: Tensor, stats: Tensor) -> Tensor:
         """Smoothed distance map [B, S, S] and stats [B, 2] (mean, std) -> standard deviations."""
         return (dist_map - stats[:, :1, None]) / stats[:, 1:, None].clamp_min(_MIN_STD)
+
+
+def identity_profile(size: int) -> Tensor:
+    """The position profile [S, S] (a gain per pixel) that changes nothing."""
+    return torch.ones(size, size)
+
+
+def position_profile(unit_maps: Tensor) -> Tensor:
+    """Gain [S, S] from deviation maps in class units [N, S, S] of held-out normal frames of every class:
+    mean q / q[p], q[p] the PROFILE_QUANTILE of the maps at pixel p (at least PROFILE_FLOOR units). A normal
+    frame then reaches the same value at every pixel as often, and a pixel of average spread keeps its scale.
+    A gain and no offset: a per-class positive factor (onboard.weighted_stats' std scaling) commutes with it."""
+    q = torch.quantile(unit_maps.flatten(1), PROFILE_QUANTILE, dim=0).reshape(unit_maps.shape[1:]).clamp_min(PROFILE_FLOOR)
+    return q.mean() / q
+
+
+def is_identity(profile: Tensor) -> bool:
+    """True for a profile that was never fitted (a run trained without --position-profile)."""
+    return bool((profile == 1).all())
+
+
+def apply_profile(units: Tensor, profile: Tensor) -> Tensor:
+    """units [B, S, S] x the gain of each pixel (profile [S, S])."""
+    return units * profile
 
 
 def greedy_coreset(x: Tensor, n: int) -> Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmad.training.config import ModelConfig
-from promptmad.training.deviation import PatchDeviation, build_bank, normal_stats
+from promptmad.training.deviation import PatchDeviation, apply_profile, build_bank, identity_profile, normal_stats
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +361,8 @@ class Segmentor(nn.Module):
         self.register_buffer("smooth_kernel", gaussian_kernel(cfg.smoothing_sigma), persistent=False)
         # the segmentor term's weight in the map: cfg.seg_weight until training chooses it (training/fusion.py)
         self.register_buffer("fusion_weight", torch.tensor(float(cfg.seg_weight)))
+        # the deviation's per-pixel (offset, gain) (training/deviation.py): identity until calibration fits it
+        self.register_buffer("position_profile", identity_profile(cfg.image_size))
 
     # -- features shared by the coarse head and the denoiser --------------------------------
     def features(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor):
@@ -426,12 +428,16 @@ class Segmentor(nn.Module):
         """Smoothed distance of every pixel's patch to the class's nearest normal patch [B, S, S]."""
         return self.upsample_smooth(self.deviation(feat4, feat8, feat16, normal_bank))
 
+    def units(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, normal_bank: Tensor, normal_stats: Tensor) -> Tensor:
+        """The deviation term [B, S, S]: class units, then the position profile."""
+        units = self.deviation.to_units(self.deviation_map(feat4, feat8, feat16, normal_bank), normal_stats)
+        return apply_profile(units, self.position_profile)
+
     def maps(self, feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats) -> tuple[Tensor, Tensor]:
         """(segmentor probability, deviation in normal standard deviations), both [B, S, S]."""
         feats, cond = self.features(feat4, feat8, feat16, recon16, text_embedding)
         prob = self.upsample_smooth(torch.sigmoid(self.refine(self.coarse_head(feats), feats, cond)))
-        units = self.deviation.to_units(self.deviation_map(feat4, feat8, feat16, normal_bank), normal_stats)
-        return prob, units
+        return prob, self.units(feat4, feat8, feat16, normal_bank, normal_stats)
 
     def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor,
                 normal_bank: Tensor, normal_stats: Tensor):
@@ -528,9 +534,10 @@ def legacy_keys(model: PromptMAD, state: dict[str, Tensor]) -> list[str]:
 
 
 def legacy_fill(model: PromptMAD, state: dict[str, Tensor]) -> None:
-    """Adds what a checkpoint written before the fusion weight was chosen lacks: its weight was the
-    architecture's seg_weight."""
+    """Adds what a checkpoint written before the fusion weight was chosen lacks (its weight was the
+    architecture's seg_weight), and before the position profile existed (it scored as the identity does)."""
     state.setdefault("segmentor.fusion_weight", torch.tensor(float(model.cfg.seg_weight)))
+    state.setdefault("segmentor.position_profile", identity_profile(model.cfg.image_size))
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_backbone: bool = True) -> PromptMAD:

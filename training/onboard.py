@@ -33,8 +33,9 @@ import torch
 
 from promptmad import contract
 from promptmad.errors import ConfigError
-from promptmad.training.deviation import build_bank, normal_stats
-from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT, SHIFT_PX
+from promptmad.training.deviation import build_bank, is_identity, normal_stats
+from promptmad.training.onboard_images import (AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT, ONBOARD_FUSION_WEIGHT_PROFILED,
+                                               SHIFT_PX)
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,15 @@ def _scores(model, frames: torch.Tensor, n_banks: int) -> np.ndarray:
     return torch.cat([model.predict(f, i)["anomaly_score"][:, 0] for f, i in zip(frames.split(_CHUNK), ids.split(_CHUNK))]).numpy()
 
 
-def fusion_weight_of(run_weight: float, calibration: str, asked: float | None = None) -> float:
+def fusion_weight_of(run_weight: float, calibration: str, asked: float | None = None, *, profiled: bool = False) -> float:
     """The segmentor's weight in an onboarded class's map: `asked` when given (classes add --fusion-weight),
-    else ONBOARD_FUSION_WEIGHT, never above the run's, and the run's with "self" units."""
+    else ONBOARD_FUSION_WEIGHT (ONBOARD_FUSION_WEIGHT_PROFILED for a run with a position profile), never above
+    the run's, and the run's with "self" units."""
     if asked is not None:
         return float(asked)
-    return run_weight if calibration == "self" else min(run_weight, ONBOARD_FUSION_WEIGHT)
+    if calibration == "self":
+        return run_weight
+    return min(run_weight, ONBOARD_FUSION_WEIGHT_PROFILED if profiled else ONBOARD_FUSION_WEIGHT)
 
 
 def weighted_stats(stats: torch.Tensor, run_weight: float, weight: float) -> torch.Tensor:
@@ -250,7 +254,7 @@ def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray 
     held = None if held_out is None else torch.from_numpy(np.ascontiguousarray(held_out))
     check, banks, method = _calibration_set(model, x, held, emb, bank, name)
     run_weight = float(model.segmentor.fusion_weight)
-    weight = fusion_weight_of(run_weight, method, fusion_weight)
+    weight = fusion_weight_of(run_weight, method, fusion_weight, profiled=not is_identity(model.segmentor.position_profile))
     stats = weighted_stats(normal_stats(_distance_maps(model, check, banks)), run_weight, weight)
     _use_rows(model, text, feat16, banks, stats)
     scores = _scores(model, check, len(banks))

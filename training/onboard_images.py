@@ -47,6 +47,10 @@ SHIFT_PX = 4  # half the deviation term's stride-8 patch grid
 # image and "self" units (distances to its own bank: tiny units, an inflated deviation) the run's w is kept:
 # on the same validation set at K = 1, 75.4/78.0/82.3/84.6/83.6 (the runs' w: 16 or 32).
 ONBOARD_FUSION_WEIGHT = 8.0
+# The same for a run calibrated with --position-profile (training/deviation.py), whose deviation term no
+# longer peaks in the border ring of normal frames and needs less help: chosen on the same validation set
+# with those runs recalibrated, mean I-AUROC for w = 1/2/4/8/16: TBD.
+ONBOARD_FUSION_WEIGHT_PROFILED = 2.0
 BY_KIND = "by-kind"  # `promptmad onboard-bench --augment`: each class's augment from its kind (benchmarks/onboarding.py)
 
 MIN_SIDE = 32  # pixels; smaller images are refused rather than blown up to the model's input
