@@ -49,8 +49,10 @@ SHIFT_PX = 4  # half the deviation term's stride-8 patch grid
 ONBOARD_FUSION_WEIGHT = 8.0
 # The same for a run calibrated with --position-profile (training/deviation.py), whose deviation term no
 # longer peaks in the border ring of normal frames and needs less help: chosen on the same validation set
-# with those runs recalibrated, mean I-AUROC for w = 1/2/4/8/16: TBD.
-ONBOARD_FUSION_WEIGHT_PROFILED = 2.0
+# (exp8's 14-kind pool of the doc above) with the same holdout runs recalibrated with the profile, mean
+# I-AUROC for w = 1/2/4/8/16: 90.8/90.7/90.3/88.9/87.0 (the unprofiled runs at w = 8: 85.0;
+# docs/results/position-profile-2026-12-06-epyc.md).
+ONBOARD_FUSION_WEIGHT_PROFILED = 1.0
 BY_KIND = "by-kind"  # `promptmad onboard-bench --augment`: each class's augment from its kind (benchmarks/onboarding.py)
 
 MIN_SIDE = 32  # pixels; smaller images are refused rather than blown up to the model's input
