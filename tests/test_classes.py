@@ -262,11 +262,30 @@ def test_onboarding_a_trained_class_from_its_own_images_reproduces_its_trained_r
     assert rows.threshold == pytest.approx(info.thresholds["coffee"], rel=1e-6)
 
 
+def _served_and_terms(model, rows, unweighted_stats, frames, gain=1.0):
+    """(served score, deviation in the class's unweighted units x `gain`, segmentor probability) of frames[1]
+    once the class of `rows` is onboarded into `model` (its prompt image frames[0])."""
+    import torch
+
+    from promptmad.training import onboard
+
+    onboard.use_class(model, rows, frames[:1])
+    x = torch.from_numpy(frames[1:2])
+    with torch.no_grad():
+        f4, f8, f16 = model.encoder(x)
+        ids = torch.zeros(1, dtype=torch.long)
+        recon, text = model.forward_features(f16, ids)
+        prob, _ = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
+        bank, _ = model.class_prompts(ids)
+        units = model.segmentor.deviation.to_units(model.segmentor.deviation_map(f4, f8, f16, bank),
+                                                   torch.from_numpy(unweighted_stats)[None])
+        served = model.predict(x, ids)["anomaly_score"][0, 0]
+    return float(served), gain * units, prob
+
+
 def test_an_onboarded_class_weighs_the_segmentor_by_its_own_weight_through_its_units(tiny_run, tiny_dataset, monkeypatch):
     """The map the engines compute, deviation + w_run x probability, is (w_run / w) x (deviation + w x probability)
     for an onboarded class: its std scaled by w / w_run, its threshold in those units; "self" units keep w_run."""
-    import torch
-
     import promptmad.training.onboard as onboard
     from promptmad.training.checkpoint import load_model
     from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
@@ -281,19 +300,8 @@ def test_an_onboarded_class_weighs_the_segmentor_by_its_own_weight_through_its_u
     assert rows["default"].fusion_weight == run_w / 4 and rows["run"].fusion_weight == run_w == rows["self"].fusion_weight
     assert rows["default"].stats[0] == rows["run"].stats[0]
     assert rows["default"].stats[1] == pytest.approx(rows["run"].stats[1] / 4, rel=1e-6)
-    model, info = load_model(tiny_run)
-    onboard.use_class(model, rows["default"], frames[:1])
-    x = torch.from_numpy(frames[1:2])
-    with torch.no_grad():
-        f4, f8, f16 = model.encoder(x)
-        ids = torch.zeros(1, dtype=torch.long)
-        recon, text = model.forward_features(f16, ids)
-        prob, _ = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
-        bank, stats = model.class_prompts(ids)
-        unweighted = torch.from_numpy(rows["run"].stats)[None]
-        dev = model.segmentor.deviation.to_units(model.segmentor.deviation_map(f4, f8, f16, bank), unweighted)
-        served = model.predict(x, ids)["anomaly_score"][0, 0]
-    assert float(served) == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
+    served, dev, prob = _served_and_terms(load_model(tiny_run)[0], rows["default"], rows["run"].stats, frames)
+    assert served == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
 
 
 def test_a_profiled_run_onboards_with_its_own_weight_and_the_gain_commutes_with_the_units(tiny_run, tiny_dataset, monkeypatch):
@@ -317,20 +325,10 @@ def test_a_profiled_run_onboards_with_its_own_weight_and_the_gain_commutes_with_
         model.segmentor.position_profile.copy_(gain)
         rows[key] = onboard.class_rows(model, info, "widget", frames, fusion_weight=asked)
     assert rows["default"].fusion_weight == run_w / 4
-    model, info = load_model(tiny_run)
+    model = load_model(tiny_run)[0]
     model.segmentor.position_profile.copy_(gain)
-    onboard.use_class(model, rows["default"], frames[:1])
-    x = torch.from_numpy(frames[1:2])
-    with torch.no_grad():
-        f4, f8, f16 = model.encoder(x)
-        ids = torch.zeros(1, dtype=torch.long)
-        recon, text = model.forward_features(f16, ids)
-        prob, _ = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
-        bank, _ = model.class_prompts(ids)
-        unweighted = torch.from_numpy(rows["run"].stats)[None]
-        dev = gain * model.segmentor.deviation.to_units(model.segmentor.deviation_map(f4, f8, f16, bank), unweighted)
-        served = model.predict(x, ids)["anomaly_score"][0, 0]
-    assert float(served) == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
+    served, dev, prob = _served_and_terms(model, rows["default"], rows["run"].stats, frames, gain)
+    assert served == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
 
 
 def test_flips_feed_the_bank_with_mirror_images_and_leave_one_out_drops_every_view_of_an_image(tiny_run, tiny_dataset, monkeypatch):
