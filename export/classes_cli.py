@@ -6,7 +6,7 @@ import argparse
 
 from promptmad import contract
 from promptmad.export.live_reload import DEFAULT_GRPC_PORT
-from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT
+from promptmad.training.onboard_images import AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT, ONBOARD_FUSION_WEIGHT_PROFILED
 
 DESCRIPTION = (
     "Add a product class to an exported repository without retraining, or retire one. `add` computes the class's "
@@ -74,7 +74,8 @@ def _register_add(sub) -> None:
                         f"(default: {DEFAULT_AUGMENT})")
     a.add_argument("--fusion-weight", type=float, metavar="W",
                    help="the segmentor's weight in the class's map, deviation + W x segmentor probability (default: "
-                        f"{ONBOARD_FUSION_WEIGHT:g} or the run's if lower, the run's with one image and no --held-out: "
+                        f"{ONBOARD_FUSION_WEIGHT:g}, {ONBOARD_FUSION_WEIGHT_PROFILED:g} for a run with the position profile, or the "
+                        "run's if lower, the run's with one image and no --held-out: "
                         "a segmentor that never saw the product fires on its normal images too; measured in README)")
     a.add_argument("--run", help="the trained run the repository was exported from (default: the manifest's `checkpoint`)")
     a.add_argument("--clip-weights", help="the CLIP weights the run was trained with, if they moved (default: the run's)")
