@@ -60,7 +60,6 @@ def fit_normal_banks(model, train: Sequence, calib: Sequence, class_to_id: dict[
 
 
 @torch.no_grad()
-@torch.no_grad()
 def fit_position_profile(model, calib: Sequence, class_to_id: dict[str, int], image_size: int, device) -> dict:
     """The deviation's position profile (deviation.position_profile) from every class's held-out normal
     images, each scored against its own class's bank and units; after fit_normal_banks, before the fusion
@@ -95,6 +94,7 @@ def fit_position_profile(model, calib: Sequence, class_to_id: dict[str, int], im
     return summary
 
 
+@torch.no_grad()
 def _scores(model, samples, class_to_id: dict[str, int], image_size: int, device, batch_size: int) -> dict[str, list[float]]:
     """Image scores of `samples`, per class."""
     scores: dict[str, list[float]] = {}
