@@ -361,7 +361,7 @@ class Segmentor(nn.Module):
         self.register_buffer("smooth_kernel", gaussian_kernel(cfg.smoothing_sigma), persistent=False)
         # the segmentor term's weight in the map: cfg.seg_weight until training chooses it (training/fusion.py)
         self.register_buffer("fusion_weight", torch.tensor(float(cfg.seg_weight)))
-        # the deviation's per-pixel (offset, gain) (training/deviation.py): identity until calibration fits it
+        # the deviation term's gain per pixel (training/deviation.py): identity until calibration fits it
         self.register_buffer("position_profile", identity_profile(cfg.image_size))
 
     # -- features shared by the coarse head and the denoiser --------------------------------
