@@ -125,8 +125,7 @@ def _chunk_terms(model, chunk: torch.Tensor, ids: torch.Tensor) -> dict[str, tor
         noise_free = seg.upsample_smooth(torch.sigmoid(seg.refine(coarse, feats, cond)))
     finally:
         seg.start_noise.copy_(noise)
-    bank, stats = model.class_prompts(ids)
-    units = seg.units(f4, f8, f16, bank, stats)
+    units = seg.units(f4, f8, f16, *model.class_prompts(ids))
     return {"map": units + seg.fusion_weight * prob, "segmentor": prob, "deviation": units,
             "noise-free": noise_free, "coarse": seg.upsample_smooth(torch.sigmoid(coarse))}
 

@@ -83,6 +83,7 @@ def train_holdout(data, out: Path, cls: str, info, steps: int | None = None) -> 
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: v for k, v in info.training.items() if k in fields}
+    settings.setdefault("position_profile", False)  # a run from before the flag had no position gains
     settings |= {"data": str(data), "out": str(out / "runs" / f"holdout-{cls}"), "resume": True,
                  "classes": [c for c in info.classes if c != cls], "steps": steps or info.training["steps"]}
     return Path(train(TrainConfig(**settings)))

@@ -63,7 +63,8 @@ def step_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
 def prompt_tables(model) -> dict[str, np.ndarray]:
     """prompt_bank's per-class tables, keyed by file name (contract.PROMPT_BANK_TABLES)."""
     arrays = {contract.TEXT_EMBEDDING.name: model.text_table, contract.PROMPT_TOKENS.name: model.prompt_tokens(),
-              contract.NORMAL_BANK.name: model.normal_bank, contract.NORMAL_STATS.name: model.normal_stats}
+              contract.NORMAL_BANK.name: model.normal_bank, contract.NORMAL_STATS.name: model.normal_stats,
+              contract.POSITION_GAIN.name: model.position_gain}
     return {contract.PROMPT_BANK_TABLES[k]: v.numpy().astype(np.float32) for k, v in arrays.items()}
 
 

@@ -46,7 +46,7 @@ from promptmad.training.checkpoint import load_model, probe_writable, sha256_fil
 from promptmad.training.deviation import is_identity
 
 log = logging.getLogger(__name__)
-_PROFILED = " x the position profile's per-pixel gain (promptmad train --position-profile)"
+_PROFILED = " x the class's position gain per ring (promptmad train --position-profile)"
 
 PRECISIONS = ("fp32", "int8")
 
@@ -204,7 +204,7 @@ def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch
         "thresholds": info.thresholds,
         # what a score means (training/deviation.py): the thresholds are in these units
         "map": {"units": "normal standard deviations of the class's held-out normal images",
-                "terms": f"deviation{_PROFILED if not is_identity(model.segmentor.position_profile) else ''} + "
+                "terms": f"deviation{_PROFILED if not is_identity(model.position_gain) else ''} + "
                          f"{float(model.segmentor.fusion_weight):g} x segmentor probability",
                 "fusion_weight": info.calibration.get("fusion", {}).get("method", "architecture default (no held-out images)"),
                 "score": "max of the map",

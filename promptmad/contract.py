@@ -8,7 +8,7 @@ it. `tests/test_contract.py` holds the exported graphs, the written configs and 
 expectations against it, so a rename here (or anywhere else) fails a test instead of a request.
 
 Shapes are per item (batch dimension excluded) and symbolic where they depend on the architecture:
-`S` image size, `S/4`, `S/8`, `G` = S/16 (token grid side), `N` = G*G tokens, `C4`/`C8`/`C16` the
+`S` image size, `S/2`, `S/4`, `S/8`, `G` = S/16 (token grid side), `N` = G*G tokens, `C4`/`C8`/`C16` the
 encoder's channels at strides 4/8/16, `H` the reconstructor width, `D` the text embedding width,
 `K` the rows of a class's normal patch bank and `P` their width.
 -1 is a dimension that varies per request. `resolve_dims` turns symbols into numbers.
@@ -85,6 +85,7 @@ TEXT_EMBEDDING = Tensor("text_embedding", "FP32", (2, "D"))  # (normal, anomalou
 PROMPT_TOKENS = Tensor("prompt_tokens", "FP32", ("N", "H"))  # the class's normal-image prompt tokens
 NORMAL_BANK = Tensor("normal_bank", "FP32", ("K", "P"))  # the class's normal patch features (a coreset)
 NORMAL_STATS = Tensor("normal_stats", "FP32", (2,))  # (mean, std) of its distance map on held-out normal images
+POSITION_GAIN = Tensor("position_gain", "FP32", ("S/2",))  # its deviation's gain per distance to the frame's edge
 FEAT4 = Tensor("feat4", "FP32", ("C4", "S/4", "S/4"))
 FEAT8 = Tensor("feat8", "FP32", ("C8", "S/8", "S/8"))
 FEAT16 = Tensor("feat16", "FP32", ("C16", "G", "G"))
@@ -116,10 +117,10 @@ class Step:
 
 PREPROCESS = Step("preprocess", (IMAGE,), (FRAME, ORIGINAL_SIZE))
 PREPROCESS_ENCODED = Step("preprocess_encoded", (IMAGE_BYTES,), (FRAME, ORIGINAL_SIZE))
-PROMPT_BANK = Step("prompt_bank", (CLASS_ID,), (TEXT_EMBEDDING, PROMPT_TOKENS, NORMAL_BANK, NORMAL_STATS))
+PROMPT_BANK = Step("prompt_bank", (CLASS_ID,), (TEXT_EMBEDDING, PROMPT_TOKENS, NORMAL_BANK, NORMAL_STATS, POSITION_GAIN))
 VISUAL_ENCODER = Step("visual_encoder", (FRAME,), (FEAT4, FEAT8, FEAT16), engine=True)
 RECONSTRUCTOR = Step("reconstructor", (FEAT16, PROMPT_TOKENS, TEXT_EMBEDDING), (RECON16,), engine=True)
-SEGMENTOR = Step("segmentor", (FEAT4, FEAT8, FEAT16, RECON16, TEXT_EMBEDDING, NORMAL_BANK, NORMAL_STATS),
+SEGMENTOR = Step("segmentor", (FEAT4, FEAT8, FEAT16, RECON16, TEXT_EMBEDDING, NORMAL_BANK, NORMAL_STATS, POSITION_GAIN),
                  (ANOMALY_MAP_MODEL, ANOMALY_SCORE), engine=True)
 POSTPROCESS = Step("postprocess", (ANOMALY_MAP_MODEL, ORIGINAL_SIZE), (ANOMALY_MAP,))
 
@@ -154,7 +155,7 @@ ALL_MODELS = (*STEPS, *(e.name for e in ENSEMBLES))  # every folder of a model r
 # The fused layout (export/fused.py, python-ort only): the three engine graphs merged into one graph
 # served as one step, so a frame makes 4 hops instead of 6; same ensemble names, inputs, outputs and
 # class bank, so clients cannot tell. Its repository holds FUSED_MODELS (no separate engine steps).
-FUSED_ENGINE = Step("fused_engine", (FRAME, PROMPT_TOKENS, TEXT_EMBEDDING, NORMAL_BANK, NORMAL_STATS),
+FUSED_ENGINE = Step("fused_engine", (FRAME, PROMPT_TOKENS, TEXT_EMBEDDING, NORMAL_BANK, NORMAL_STATS, POSITION_GAIN),
                     (ANOMALY_MAP_MODEL, ANOMALY_SCORE), engine=True)
 FUSED_FROM = (VISUAL_ENCODER, RECONSTRUCTOR, SEGMENTOR)  # the steps it replaces, in execution order
 FUSED_ENSEMBLES = (Ensemble(MODEL_NAME, ENSEMBLE.inputs, ENSEMBLE.outputs, (PREPROCESS, PROMPT_BANK, FUSED_ENGINE, POSTPROCESS)),
@@ -174,9 +175,11 @@ TEXT_TABLE_FILE = "text_table.npy"  # prompt_bank: [classes, 2, D]
 PROMPT_TABLE_FILE = "prompt_table.npy"  # prompt_bank: [classes, N, H]
 BANK_TABLE_FILE = "normal_bank.npy"  # prompt_bank: [classes, K, P]
 STATS_TABLE_FILE = "normal_stats.npy"  # prompt_bank: [classes, 2]
+GAIN_TABLE_FILE = "position_gain.npy"  # prompt_bank: [classes, S/2]
 # prompt_bank's outputs and the per-class table (row = class_id) each one is read from
 PROMPT_BANK_TABLES = {TEXT_EMBEDDING.name: TEXT_TABLE_FILE, PROMPT_TOKENS.name: PROMPT_TABLE_FILE,
-                      NORMAL_BANK.name: BANK_TABLE_FILE, NORMAL_STATS.name: STATS_TABLE_FILE}
+                      NORMAL_BANK.name: BANK_TABLE_FILE, NORMAL_STATS.name: STATS_TABLE_FILE,
+                      POSITION_GAIN.name: GAIN_TABLE_FILE}
 
 # Parameters of the `promptmad` ensemble's config that clients read (values are strings; JSON where noted).
 PARAM_CLASS_NAMES = "class_names"  # JSON list, index = class_id
@@ -201,12 +204,12 @@ PARAM_ORT_SPINNING = "allow_spinning"  # "1" (ONNX Runtime's default): its pool 
 
 
 def resolve_dims(dims: tuple[Dim, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
-    """Numbers for symbolic dims. `sizes` gives S, C4, C8, C16, H, D, K and P; S/4, S/8, G and N follow
+    """Numbers for symbolic dims. `sizes` gives S, C4, C8, C16, H, D, K and P; S/2, S/4, S/8, G and N follow
     from S. A symbol that cannot be resolved raises KeyError naming it."""
     known = dict(sizes)
     if "S" in known:
         s = int(known["S"])
-        known.update({"S/4": s // 4, "S/8": s // 8, "G": s // 16, "N": (s // 16) ** 2})
+        known.update({"S/2": s // 2, "S/4": s // 4, "S/8": s // 8, "G": s // 16, "N": (s // 16) ** 2})
     out = []
     for d in dims:
         if isinstance(d, int):

@@ -350,12 +350,12 @@ def _direct_onnxruntime(repo: Path, frame: np.ndarray, cid: int) -> dict[str, np
         return np.load(repo / "prompt_bank" / "1" / table)[cid][None].astype(np.float32)
 
     text, prompts = row("text_table.npy"), row("prompt_table.npy")
-    bank, stats = row("normal_bank.npy"), row("normal_stats.npy")
+    bank, stats, gain = row("normal_bank.npy"), row("normal_stats.npy"), row("position_gain.npy")
     size = int(sess["visual_encoder"].get_inputs()[0].shape[1])
     f4, f8, f16 = sess["visual_encoder"].run(None, {"frame": resize_rgb(frame, size)[None]})
     (rec,) = sess["reconstructor"].run(None, {"feat16": f16, "prompt_tokens": prompts, "text_embedding": text})
     amap, score = sess["segmentor"].run(None, {"feat4": f4, "feat8": f8, "feat16": f16, "recon16": rec, "text_embedding": text,
-                                               "normal_bank": bank, "normal_stats": stats})
+                                               "normal_bank": bank, "normal_stats": stats, "position_gain": gain})
     return {"feat16": f16, "recon16": rec, "anomaly_map_model": amap, "anomaly_score": score}
 
 

@@ -276,16 +276,23 @@ def _served_and_terms(model, rows, unweighted_stats, frames, gain=1.0):
         ids = torch.zeros(1, dtype=torch.long)
         recon, text = model.forward_features(f16, ids)
         prob, _ = model.segmentor.maps(f4, f8, f16, recon, text, *model.class_prompts(ids))
-        bank, _ = model.class_prompts(ids)
+        bank = model.class_prompts(ids)[0]
         units = model.segmentor.deviation.to_units(model.segmentor.deviation_map(f4, f8, f16, bank),
                                                    torch.from_numpy(unweighted_stats)[None])
         served = model.predict(x, ids)["anomaly_score"][0, 0]
     return float(served), gain * units, prob
 
 
+def _without_gains(loaded):
+    """(model, info) of a run as `promptmad train --no-position-profile` leaves it: every class's gain ones."""
+    loaded[0].position_gain.fill_(1.0)
+    return loaded
+
+
 def test_an_onboarded_class_weighs_the_segmentor_by_its_own_weight_through_its_units(tiny_run, tiny_dataset, monkeypatch):
     """The map the engines compute, deviation + w_run x probability, is (w_run / w) x (deviation + w x probability)
-    for an onboarded class: its std scaled by w / w_run, its threshold in those units; "self" units keep w_run."""
+    for an onboarded class: its std scaled by w / w_run, its threshold in those units; "self" units keep w_run.
+    A run without position gains (ONBOARD_FUSION_WEIGHT; the profiled one is the next test)."""
     import promptmad.training.onboard as onboard
     from promptmad.training.checkpoint import load_model
     from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
@@ -295,39 +302,47 @@ def test_an_onboarded_class_weighs_the_segmentor_by_its_own_weight_through_its_u
     monkeypatch.setattr(onboard, "ONBOARD_FUSION_WEIGHT", run_w / 4)
     rows = {}
     for key, k, asked in (("default", 3, None), ("run", 3, run_w), ("self", 1, None)):
-        model, info = load_model(tiny_run)
+        model, info = _without_gains(load_model(tiny_run))
         rows[key] = onboard.class_rows(model, info, "widget", frames[:k], fusion_weight=asked)
     assert rows["default"].fusion_weight == run_w / 4 and rows["run"].fusion_weight == run_w == rows["self"].fusion_weight
     assert rows["default"].stats[0] == rows["run"].stats[0]
     assert rows["default"].stats[1] == pytest.approx(rows["run"].stats[1] / 4, rel=1e-6)
-    served, dev, prob = _served_and_terms(load_model(tiny_run)[0], rows["default"], rows["run"].stats, frames)
+    served, dev, prob = _served_and_terms(_without_gains(load_model(tiny_run))[0], rows["default"], rows["run"].stats, frames)
     assert served == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
 
 
-def test_a_profiled_run_onboards_with_its_own_weight_and_the_gain_commutes_with_the_units(tiny_run, tiny_dataset, monkeypatch):
-    """A run with a position profile: an onboarded class gets ONBOARD_FUSION_WEIGHT_PROFILED, and its served
-    score is still (w_run / w) x max(gain x deviation + w x probability): the per-pixel gain commutes with the
-    std scaling that carries the class's weight (an additive per-pixel term would not)."""
+def test_a_profiled_run_onboards_with_its_own_weight_and_gain_and_the_gain_commutes_with_the_units(tiny_run, tiny_dataset, monkeypatch):
+    """A run with position gains (the default): an onboarded class gets ONBOARD_FUSION_WEIGHT_PROFILED and its
+    own gain per ring, fitted on its leave-one-out maps (not the trained classes'; their mean with "self"
+    units; ones for a run without gains), and its served score is still (w_run / w) x max(gain x deviation + w x
+    probability): the gain commutes with the std scaling that carries the class's weight."""
     import torch
 
     import promptmad.training.onboard as onboard
     from promptmad.training.checkpoint import load_model
     from promptmad.training.data.datasets import load_samples, read_rgb, resize_rgb
+    from promptmad.training.deviation import ring_index
 
     frames = np.stack([resize_rgb(read_rgb(s.image), 64) for s in load_samples(tiny_dataset, split="train")[:3]])
-    gain = torch.from_numpy(np.random.default_rng(0).uniform(0.5, 2.0, (64, 64))).float()
-    run_w = float(load_model(tiny_run)[0].segmentor.fusion_weight)
+    model, info = load_model(tiny_run)
+    trained = torch.from_numpy(np.random.default_rng(0).uniform(0.5, 2.0, tuple(model.position_gain.shape))).float()
+    run_w = float(model.segmentor.fusion_weight)
     monkeypatch.setattr(onboard, "ONBOARD_FUSION_WEIGHT", run_w / 2)
     monkeypatch.setattr(onboard, "ONBOARD_FUSION_WEIGHT_PROFILED", run_w / 4)
+    assert np.array_equal(onboard.class_rows(*_without_gains((model, info)), "widget", frames).gain, np.ones(32, np.float32))
     rows = {}
-    for key, asked in (("default", None), ("run", run_w)):
+    for key, asked, images in (("default", None, frames), ("run", run_w, frames), ("self", None, frames[:1])):
         model, info = load_model(tiny_run)
-        model.segmentor.position_profile.copy_(gain)
-        rows[key] = onboard.class_rows(model, info, "widget", frames, fusion_weight=asked)
+        model.position_gain.copy_(trained)
+        rows[key] = onboard.class_rows(model, info, "widget", images, fusion_weight=asked)
     assert rows["default"].fusion_weight == run_w / 4
+    gain = rows["default"].gain
+    assert gain.shape == (32,) and np.array_equal(gain, rows["run"].gain)  # the weight does not enter the gain
+    assert not np.allclose(gain, 1) and not np.allclose(gain, trained.mean(0).numpy())
+    assert np.allclose(rows["self"].gain, trained.mean(0).numpy())
     model = load_model(tiny_run)[0]
-    model.segmentor.position_profile.copy_(gain)
-    served, dev, prob = _served_and_terms(model, rows["default"], rows["run"].stats, frames, gain)
+    model.position_gain.copy_(trained)
+    served, dev, prob = _served_and_terms(model, rows["default"], rows["run"].stats, frames, torch.from_numpy(gain)[ring_index(64)])
     assert served == pytest.approx(4 * float((dev + run_w / 4 * prob).amax()), rel=1e-4)
 
 
@@ -516,6 +531,24 @@ def test_a_run_other_than_the_exported_one_is_refused(repo, product, tiny_run, t
     with pytest.raises(ConfigError, match="not the ones") as err:
         add_class(AddClass(repo=str(repo), name="widget", images=str(product["images"]), run=str(other)))
     assert err.value.field == "run" and _tree(repo) == before
+
+
+def test_a_repository_exported_before_position_gains_is_refused_with_the_fix(repo, product):
+    """A repository of an older promptmad (no position_gain table, its manifest without it): `classes add`
+    (like `serve`) names the missing table and says to export again; nothing changes."""
+    import json
+
+    from promptmad.export.manifest import MANIFEST
+
+    table = next((repo / contract.PROMPT_BANK.name).glob(f"*/{contract.GAIN_TABLE_FILE}"))
+    table.unlink()
+    doc = json.loads((repo / MANIFEST).read_text())
+    doc["artifacts_sha256"] = {k: v for k, v in doc["artifacts_sha256"].items() if not k.endswith(contract.GAIN_TABLE_FILE)}
+    (repo / MANIFEST).write_text(json.dumps(doc))
+    before = _tree(repo)
+    with pytest.raises(ServeError, match=f"{contract.GAIN_TABLE_FILE}: missing; re-run `promptmad export`"):
+        add_class(AddClass(repo=str(repo), name="widget", images=str(product["images"])))
+    assert _tree(repo) == before
 
 
 def test_a_server_that_cannot_load_says_why(live, triton_server, repo, tmp_path):

@@ -102,44 +102,58 @@ def test_map_is_deviation_in_normal_units_plus_weighted_segmentor():
     assert torch.allclose(m.predict(normals[1][-2:], ids)["anomaly_map"], units + 3.0 * prob, atol=1e-5)
 
 
-def test_position_profile_evens_out_each_pixel_and_the_identity_changes_nothing():
-    """Fitted on held-out normal maps, the profile brings every pixel's high quantile of those maps to the
-    same level (a border that rises more no longer sets the image score); the identity profile, which an
-    old checkpoint loads with, gives the map bit-identical to the plain units; the map uses the profile."""
-    from promptmad.training.deviation import PROFILE_FLOOR, PROFILE_QUANTILE, apply_profile, identity_profile, position_profile
+def test_position_gain_evens_out_each_ring_per_class_and_ones_change_nothing():
+    """Fitted on a class's held-out normal maps, its gain brings every ring's high quantile of those maps to
+    the same level (a border that rises more no longer sets the image score); each class gets its own row
+    and the map of a frame uses its class's; ones, which an old checkpoint loads with, give the map
+    bit-identical to the plain units."""
+    from promptmad.training.deviation import PROFILE_FLOOR, PROFILE_QUANTILE, apply_gain, identity_gain, ring_gain, ring_index
 
     m = tiny_model()
     normals = [torch.randint(0, 255, (6, 64, 64, 3), dtype=torch.uint8) for _ in range(3)]
     _with_banks(m, normals)
     held = torch.cat([n[-2:] for n in normals])
     ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    rings = ring_index(64)
+    assert rings.shape == (64, 64) and int(rings.max()) == 31 and int(rings[0, 17]) == 0 and int(rings[20, 40]) == 20
     with torch.no_grad():
         plain = m.segmentor.units(*m.encoder(held), *m.class_prompts(ids))
         before = m.predict(held, ids)["anomaly_map"]
-        profile = position_profile(plain)
-        assert torch.equal(apply_profile(plain, identity_profile(64)), plain)
-        m.segmentor.position_profile.copy_(profile)
+        assert torch.equal(apply_gain(plain, identity_gain(64).repeat(6, 1), rings), plain)
+        for cid in range(3):
+            m.position_gain[cid] = ring_gain(plain[ids == cid])
         even = m.segmentor.units(*m.encoder(held), *m.class_prompts(ids))
         after = m.predict(held, ids)["anomaly_map"]
-    level = lambda x: torch.quantile(x.flatten(1), PROFILE_QUANTILE, dim=0).reshape(64, 64)
-    risen = level(plain) >= PROFILE_FLOOR
-    assert float(risen.float().mean()) > 0.5 and float(level(plain)[risen].max() / level(plain)[risen].min()) > 1.5
-    evened = level(even)[risen]
-    assert float(evened.max() - evened.min()) < 1e-4 * float(evened.mean())
+    assert not torch.equal(m.position_gain[0], m.position_gain[1])  # per class
+    for cid in range(3):
+        level = lambda x: torch.stack([torch.quantile(x[ids == cid][:, rings == r].flatten(), PROFILE_QUANTILE) for r in range(32)])
+        risen = level(plain) >= PROFILE_FLOOR
+        assert int(risen.sum()) >= 8 and float(level(plain)[risen].max() / level(plain)[risen].min()) > 1.5
+        evened = level(even)[risen]
+        assert float(evened.max() - evened.min()) < 1e-4 * float(evened.mean())
     assert torch.allclose(after - before, even - plain, atol=1e-4)  # the segmentor term is untouched
 
 
-def test_checkpoint_without_position_profile_loads_as_identity(tmp_path):
+def test_checkpoint_without_position_gain_loads_as_ones_and_a_per_pixel_profile_as_its_ring_means(tmp_path, caplog):
     from safetensors.torch import load_file, save_file
+
+    from promptmad.training.deviation import ring_index
 
     m = tiny_model()
     save_run(tmp_path / "run", m, RunInfo(arch=m.cfg, classes=["a", "b", "c"], prompts={}))
     weights = tmp_path / "run" / "model.safetensors"
     old = load_file(str(weights))
-    del old["segmentor.position_profile"]
+    del old["position_gain"]
     save_file(old, str(weights))
     loaded, _ = load_model(tmp_path / "run")
-    assert torch.equal(loaded.segmentor.position_profile, torch.ones(64, 64))
+    assert torch.equal(loaded.position_gain, torch.ones(3, 32))
+    # a run of the run-wide per-pixel profile (the version before per-class gains): its ring means, every class
+    profile = 1 + ring_index(64).float() / 100 + 0.01 * torch.rand(64, 64)
+    save_file({**old, "segmentor.position_profile": profile}, str(weights))
+    with caplog.at_level("WARNING"):
+        loaded, _ = load_model(tmp_path / "run")
+    means = torch.stack([profile[ring_index(64) == r].mean() for r in range(32)])
+    assert torch.allclose(loaded.position_gain, means.repeat(3, 1)) and "recalibrate" in caplog.text
 
 
 def test_deviation_is_zero_on_its_own_bank_and_grows_off_it():

@@ -235,15 +235,17 @@ def test_composing_model_failing_to_load(tiny_repository, tmp_path):
             AnomalyClient(server.grpc_url)
 
 
-TABLES = sorted(contract.PROMPT_BANK_TABLES.values())  # prompt_bank's four per-class tables
+TABLES = sorted(contract.PROMPT_BANK_TABLES.values())  # prompt_bank's five per-class tables
 
 
 def test_prompt_bank_serves_exactly_the_contract_tables(tiny_repository):
     version = tiny_repository / contract.PROMPT_BANK.name / "1"
     assert sorted(p.name for p in version.glob("*.npy")) == TABLES
-    assert TABLES == sorted(["text_table.npy", "prompt_table.npy", "normal_bank.npy", "normal_stats.npy"])
+    assert TABLES == sorted(["text_table.npy", "prompt_table.npy", "normal_bank.npy", "normal_stats.npy", "position_gain.npy"])
     stats = np.load(version / contract.STATS_TABLE_FILE)  # (mean, std) of each class's normal distance map
     assert stats.shape == (3, 2) and np.isfinite(stats).all() and (stats[:, 1] > 0).all()
+    gain = np.load(version / contract.GAIN_TABLE_FILE)  # each class's gain per ring: S/2 = 32 at 64 px
+    assert gain.shape == (3, 32) and np.isfinite(gain).all() and (gain > 0).all()
 
 
 @pytest.mark.parametrize("table_file", TABLES)

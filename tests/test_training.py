@@ -86,31 +86,33 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_dataset, tmp_path, 
     assert json.loads((killed / "config.json").read_text())["training"]["steps_done"] == 4
 
 
-def test_position_profile_recalibrates_a_finished_run_without_training(tiny_run, tiny_dataset, tmp_path, monkeypatch):
-    """`promptmad train --position-profile` on a finished run: no step is trained again, the weights stay,
-    the profile is fitted (recorded in config.json) and the thresholds are set on the profiled map; the
-    same command without the flag puts the identity back."""
+def test_position_gains_are_the_default_and_recalibrating_a_finished_run_trains_nothing(tiny_run, tiny_dataset, tmp_path, monkeypatch):
+    """A run gets each class its own gain per ring by default (recorded in config.json). On a finished run,
+    `promptmad train --no-position-profile` trains no step again and changes nothing but the gains (ones),
+    the fusion weight and the thresholds; the same command with the flag gives the very gains back."""
     from safetensors.torch import load_file
 
+    trained = load_file(str(tiny_run / "model.safetensors"))["position_gain"]
+    assert trained.shape == (len(TINY_CLASSES), 32) and float(trained.min()) < 1 < float(trained.max())
+    assert not torch.equal(trained[0], trained[1])  # each class its own
+    summary = json.loads((tiny_run / "config.json").read_text())["calibration"]["position_profile"]
+    assert summary["images"] == 2 * len(TINY_CLASSES) and summary["classes"] == len(TINY_CLASSES)  # the held-out images
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     calls, real_forward = [], TrainStep.forward
     monkeypatch.setattr(TrainStep, "forward", lambda self, *a: calls.append(1) or real_forward(self, *a))
     cfg = dict(data=str(tiny_dataset), arch="tiny", steps=4, batch_size=2, num_workers=0, seed=0)
-    train(TrainConfig(out=str(run), position_profile=True, **cfg))
+    train(TrainConfig(out=str(run), position_profile=False, **cfg))
     assert calls == []
     before, after = load_file(str(tiny_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"segmentor.position_profile"} | ({"segmentor.fusion_weight"} & changed)
+    assert changed == {"position_gain"} | ({"segmentor.fusion_weight"} & changed)
+    assert torch.equal(after["position_gain"], torch.ones_like(trained))
     info = json.loads((run / "config.json").read_text())
-    assert info["calibration"]["position_profile"]["images"] == 2 * len(TINY_CLASSES)  # the held-out images
-    gain = after["segmentor.position_profile"]
-    assert float(gain.min()) < 1 < float(gain.max())
-    old = json.loads((tiny_run / "config.json").read_text())["calibration"]["thresholds"]
-    assert info["calibration"]["thresholds"] != old
+    assert "position_profile" not in info["calibration"]
+    assert info["calibration"]["thresholds"] != json.loads((tiny_run / "config.json").read_text())["calibration"]["thresholds"]
     train(TrainConfig(out=str(run), **cfg))
-    assert torch.equal(load_model(run)[0].segmentor.position_profile, torch.ones_like(gain))
-    assert "position_profile" not in json.loads((run / "config.json").read_text())["calibration"]
+    assert calls == [] and torch.equal(load_model(run)[0].position_gain, trained)
 
 
 def _term_p_aurocs(run_dir, data) -> dict[str, float]:

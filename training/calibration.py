@@ -60,37 +60,35 @@ def fit_normal_banks(model, train: Sequence, calib: Sequence, class_to_id: dict[
 
 
 @torch.no_grad()
-def fit_position_profile(model, calib: Sequence, class_to_id: dict[str, int], image_size: int, device) -> dict:
-    """The deviation's position profile (deviation.position_profile) from every class's held-out normal
-    images, each scored against its own class's bank and units; after fit_normal_banks, before the fusion
-    weight and the thresholds, which are then chosen on the profiled map. Returns what it measured."""
-    from promptmad.training.deviation import identity_profile, position_profile
+def fit_position_gains(model, calib: Sequence, class_to_id: dict[str, int], image_size: int, device) -> dict:
+    """Each class's position gain (deviation.ring_gain) from its held-out normal images, scored against its
+    own bank and units; after fit_normal_banks, before the fusion weight and the thresholds, which are then
+    chosen on the map with the gains. A class without held-out images keeps ones. Returns what it measured."""
+    from promptmad.training.deviation import identity_gain, ring_gain, ring_index
 
-    seg = model.segmentor
-    seg.position_profile.copy_(identity_profile(image_size))  # the plain class units are what it is fitted on
-    maps = []
+    model.position_gain.copy_(identity_gain(image_size).repeat(model.num_classes, 1))  # fitted on plain units
+    maps, fitted = [], 0
     for name, cid in class_to_id.items():
         frames = [s for s in calib if s.class_name == name]
-        for chunk in _frames(frames, image_size).split(16) if frames else ():
-            chunk = chunk.to(device)
-            ids = torch.full((len(chunk),), cid, dtype=torch.long, device=device)
-            maps.append(seg.units(*model.encoder(chunk), *model.class_prompts(ids)).float().cpu())
+        if not frames:
+            log.warning("class %s: no held-out normal images: its position gain stays ones (raise --calibration-fraction)", name)
+            continue
+        units = torch.cat([model.segmentor.units(*model.encoder(c.to(device)), *model.class_prompts(
+            torch.full((len(c),), cid, dtype=torch.long, device=device))).float().cpu() for c in _frames(frames, image_size).split(16)])
+        model.position_gain[cid] = ring_gain(units).to(model.position_gain.device)
+        maps.append(units)
+        fitted += 1
     if not maps:
-        log.warning("no held-out normal images: the position profile stays the identity (raise --calibration-fraction)")
         return {"images": 0}
     units = torch.cat(maps)
-    profile = position_profile(units)
-    seg.position_profile.copy_(profile.to(seg.position_profile.device))
-    s, b = image_size, image_size // 14
-    ring = torch.ones(s, s, dtype=torch.bool)
-    ring[b:s - b, b:s - b] = False
-    peak = units.flatten(1).argmax(1)
-    summary = {"images": len(units), "gain_ring": round(float(profile[ring].mean()), 3),
-               "gain_inside": round(float(profile[~ring].mean()), 3),
-               "normal_peaks_in_ring": round(float(ring.flatten()[peak].float().mean()), 3)}
-    log.info("position profile from %d held-out normal images: mean gain %.2f in the %d px border ring, %.2f "
-             "inside; %.0f%% of them peaked in the ring", summary["images"], summary["gain_ring"], b,
-             summary["gain_inside"], 100 * summary["normal_peaks_in_ring"])
+    border = ring_index(image_size) < image_size // 14  # the 16 px ring at 224 px
+    gains = model.position_gain.cpu()[:, ring_index(image_size)]
+    summary = {"images": len(units), "classes": fitted, "gain_ring": round(float(gains[:, border].mean()), 3),
+               "gain_inside": round(float(gains[:, ~border].mean()), 3),
+               "normal_peaks_in_ring": round(float(border.flatten()[units.flatten(1).argmax(1)].float().mean()), 3)}
+    log.info("position gains of %d classes from %d held-out normal images: mean gain %.2f in the %d px border ring, "
+             "%.2f inside; %.0f%% of those images peaked in the ring", fitted, summary["images"], summary["gain_ring"],
+             image_size // 14, summary["gain_inside"], 100 * summary["normal_peaks_in_ring"])
     return summary
 
 

@@ -212,9 +212,9 @@ def load_weights(run_dir: Path | str, model) -> None:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    legacy_fill(model, state)  # first: it reads a key legacy_keys drops
     for key in legacy_keys(model, state):
         del state[key]
-    legacy_fill(model, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

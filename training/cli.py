@@ -57,10 +57,11 @@ def _register_train(subparsers) -> None:
     p.add_argument("--no-text-prompts", action="store_true", help="ablation: disable the CLIP text prompts")
     p.add_argument("--diffusion-steps", type=int, help="override the architecture's diffusion steps (0 = no refinement)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a checkpoint")
-    p.add_argument("--position-profile", action="store_true",
-                   help="calibrate the deviation term per pixel position as well (normal frames peak in their border "
-                        "ring; see training/deviation.py). On a finished run (same --out and arguments) it only "
-                        "recalibrates: no step is trained again")
+    p.add_argument("--position-profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="calibrate each class's deviation term per distance to the frame's edge (default; normal "
+                        "frames peak in their border ring, see training/deviation.py); --no-position-profile leaves "
+                        "it out. On a finished run (same --out and arguments) either only recalibrates: no step is "
+                        "trained again")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.set_defaults(func=_train)
 

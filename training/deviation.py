@@ -18,12 +18,16 @@ do not change when classes do.
 - units: (distance - mean) / std, the mean and std of the smoothed distance map over the class's
   held-out normal images (`normal_stats`), so 0 is "as normal as the calibration images" and the
   threshold is a number of standard deviations, not a 1e-5 margin of a saturated sigmoid;
-- position profile (optional, `promptmad train --position-profile`): those units times a gain per pixel
-  position, from every trained class's held-out normal maps (position_profile). Why: a
-  normal frame's deviation peaks in its border ring (the encoder's zero padding, parts entering the
-  frame), for every class and most of all with a thin bank, so the image score of a good frame is its
-  border's and a defect inside must beat it. The profile is position-only (no class in it), so a class
-  added later from a few images gets it too. Identity (gain 1) unless fitted.
+- position gain (optional, `promptmad train --position-profile`): those units times a gain per distance
+  to the frame's edge (a ring), one row of S/2 gains per class, served with its other prompts
+  (`position_gain`). Why: a normal frame's deviation peaks in its border ring (the encoder's zero padding,
+  parts entering the frame; most of all with a thin bank), so the image score of a good frame is its
+  border's and a defect inside must beat it. Per class because how far the border rises depends on the
+  class and its bank: a trained class's row comes from its held-out normal maps, an onboarded one's from
+  the leave-one-out maps of its K images (one run-wide per-pixel gain, fitted on the trained classes,
+  left the texture an onboarded class most: grass 77 -> 78 on the validation pool vs 82 with its own
+  rings). Rings, not pixels: a class has a few held-out frames, and a ring pools every pixel at that depth.
+  Ones (no change) unless fitted.
 
 The training-free kNN peer of the benchmarks (`knn_peer.py`) uses these same features, so the two
 differ only in what promptmad adds on top.
@@ -93,28 +97,39 @@ class PatchDeviation(nn.Module):
         return (dist_map - stats[:, :1, None]) / stats[:, 1:, None].clamp_min(_MIN_STD)
 
 
-def identity_profile(size: int) -> Tensor:
-    """The position profile [S, S] (a gain per pixel) that changes nothing."""
-    return torch.ones(size, size)
+def ring_index(size: int) -> Tensor:
+    """[S, S] int64: each pixel's distance to the nearest edge of the frame, 0 .. S/2 - 1 (its ring)."""
+    i = torch.arange(size)
+    edge = torch.minimum(i, size - 1 - i)
+    return torch.minimum(edge[:, None], edge[None, :])
 
 
-def position_profile(unit_maps: Tensor) -> Tensor:
-    """Gain [S, S] from deviation maps in class units [N, S, S] of held-out normal frames of every class:
-    mean q / q[p], q[p] the PROFILE_QUANTILE of the maps at pixel p (at least PROFILE_FLOOR units). A normal
-    frame then reaches the same value at every pixel as often, and a pixel of average spread keeps its scale.
-    A gain and no offset: a per-class positive factor (onboard.weighted_stats' std scaling) commutes with it."""
-    q = torch.quantile(unit_maps.flatten(1), PROFILE_QUANTILE, dim=0).reshape(unit_maps.shape[1:]).clamp_min(PROFILE_FLOOR)
-    return q.mean() / q
+def identity_gain(size: int) -> Tensor:
+    """One class's position gain [S/2] (a gain per ring) that changes nothing."""
+    return torch.ones(size // 2)
 
 
-def is_identity(profile: Tensor) -> bool:
-    """True for a profile that was never fitted (a run trained without --position-profile)."""
-    return bool((profile == 1).all())
+def ring_gain(unit_maps: Tensor) -> Tensor:
+    """A class's gain per ring [S/2] from deviation maps in its units [N, S, S] of its normal frames:
+    mean q / q[r], q[r] the PROFILE_QUANTILE of every pixel of ring r in every map (at least PROFILE_FLOOR
+    units), the mean over the frame's pixels. A normal frame then reaches the same value at every depth as
+    often, and a ring of average spread keeps its scale."""
+    size = unit_maps.shape[-1]
+    rings = ring_index(size).flatten()
+    values = unit_maps.flatten(1).float()
+    q = torch.stack([torch.quantile(values[:, rings == r].flatten(), PROFILE_QUANTILE) for r in range(size // 2)])
+    q = q.clamp_min(PROFILE_FLOOR)
+    return q[rings].mean() / q
 
 
-def apply_profile(units: Tensor, profile: Tensor) -> Tensor:
-    """units [B, S, S] x the gain of each pixel (profile [S, S])."""
-    return units * profile
+def is_identity(gain: Tensor) -> bool:
+    """True for gains that were never fitted (a run trained without --position-profile)."""
+    return bool((gain == 1).all())
+
+
+def apply_gain(units: Tensor, gain: Tensor, rings: Tensor) -> Tensor:
+    """units [B, S, S] x each frame's class gain of each pixel's ring (gain [B, S/2], rings = ring_index)."""
+    return units * gain[:, rings]
 
 
 def greedy_coreset(x: Tensor, n: int) -> Tensor:

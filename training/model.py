@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmad.training.config import ModelConfig
-from promptmad.training.deviation import PatchDeviation, apply_profile, build_bank, identity_profile, normal_stats
+from promptmad.training.deviation import PatchDeviation, apply_gain, build_bank, identity_gain, normal_stats, ring_index
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +361,8 @@ class Segmentor(nn.Module):
         self.register_buffer("smooth_kernel", gaussian_kernel(cfg.smoothing_sigma), persistent=False)
         # the segmentor term's weight in the map: cfg.seg_weight until training chooses it (training/fusion.py)
         self.register_buffer("fusion_weight", torch.tensor(float(cfg.seg_weight)))
-        # the deviation term's gain per pixel (training/deviation.py): identity until calibration fits it
-        self.register_buffer("position_profile", identity_profile(cfg.image_size))
+        # each pixel's ring, which indexes a class's position gain (training/deviation.py): a constant of the graph
+        self.register_buffer("rings", ring_index(cfg.image_size), persistent=False)
 
     # -- features shared by the coarse head and the denoiser --------------------------------
     def features(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor):
@@ -428,20 +428,22 @@ class Segmentor(nn.Module):
         """Smoothed distance of every pixel's patch to the class's nearest normal patch [B, S, S]."""
         return self.upsample_smooth(self.deviation(feat4, feat8, feat16, normal_bank))
 
-    def units(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, normal_bank: Tensor, normal_stats: Tensor) -> Tensor:
-        """The deviation term [B, S, S]: class units, then the position profile."""
+    def units(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, normal_bank: Tensor, normal_stats: Tensor,
+              position_gain: Tensor) -> Tensor:
+        """The deviation term [B, S, S]: class units, then the class's gain per ring."""
         units = self.deviation.to_units(self.deviation_map(feat4, feat8, feat16, normal_bank), normal_stats)
-        return apply_profile(units, self.position_profile)
+        return apply_gain(units, position_gain, self.rings)
 
-    def maps(self, feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats) -> tuple[Tensor, Tensor]:
+    def maps(self, feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats,
+             position_gain) -> tuple[Tensor, Tensor]:
         """(segmentor probability, deviation in normal standard deviations), both [B, S, S]."""
         feats, cond = self.features(feat4, feat8, feat16, recon16, text_embedding)
         prob = self.upsample_smooth(torch.sigmoid(self.refine(self.coarse_head(feats), feats, cond)))
-        return prob, self.units(feat4, feat8, feat16, normal_bank, normal_stats)
+        return prob, self.units(feat4, feat8, feat16, normal_bank, normal_stats, position_gain)
 
     def forward(self, feat4: Tensor, feat8: Tensor, feat16: Tensor, recon16: Tensor, text_embedding: Tensor,
-                normal_bank: Tensor, normal_stats: Tensor):
-        prob, units = self.maps(feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats)
+                normal_bank: Tensor, normal_stats: Tensor, position_gain: Tensor):
+        prob, units = self.maps(feat4, feat8, feat16, recon16, text_embedding, normal_bank, normal_stats, position_gain)
         amap = units + self.fusion_weight * prob
         return amap, amap.flatten(1).amax(dim=1, keepdim=True)
 
@@ -466,6 +468,8 @@ class PromptMAD(nn.Module):
         # per-class normal patch bank and its (mean, std) on held-out normal images (see set_normal_bank)
         self.register_buffer("normal_bank", torch.zeros(num_classes, cfg.bank_size, cfg.bank_dim))
         self.register_buffer("normal_stats", torch.tensor([[0.0, 1.0]]).repeat(num_classes, 1))
+        # per-class gain per ring of the deviation term (calibration.fit_position_gains): ones until fitted
+        self.register_buffer("position_gain", identity_gain(cfg.image_size).repeat(num_classes, 1))
 
     @property
     def num_classes(self) -> int:
@@ -509,9 +513,9 @@ class PromptMAD(nn.Module):
                           for c in check.split(16)])
         self.normal_stats[class_id] = normal_stats(maps)
 
-    def class_prompts(self, class_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(normal_bank, normal_stats) rows of each frame's class."""
-        return self.normal_bank[class_ids], self.normal_stats[class_ids]
+    def class_prompts(self, class_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(normal_bank, normal_stats, position_gain) rows of each frame's class."""
+        return self.normal_bank[class_ids], self.normal_stats[class_ids], self.position_gain[class_ids]
 
     @torch.no_grad()
     def predict(self, frames: Tensor, class_ids: Tensor) -> dict[str, Tensor]:
@@ -525,19 +529,34 @@ class PromptMAD(nn.Module):
 
 def legacy_keys(model: PromptMAD, state: dict[str, Tensor]) -> list[str]:
     """Keys of a checkpoint written by an older version that this model no longer has: the
-    denoiser of an architecture without diffusion steps (built but unused before) and the
-    always-zero `no_bias` buffer. Loading drops them, so those checkpoints keep loading."""
-    dropped = ["segmentor.no_bias"]
+    denoiser of an architecture without diffusion steps (built but unused before), the always-zero
+    `no_bias` buffer and the run-wide per-pixel position profile (legacy_fill turns it into gains first).
+    Loading drops them, so those checkpoints keep loading."""
+    dropped = ["segmentor.no_bias", LEGACY_PROFILE]
     if model.segmentor.denoiser is None:
         dropped += [k for k in state if k.startswith("segmentor.denoiser.")]
     return [k for k in dropped if k in state]
 
 
+LEGACY_PROFILE = "segmentor.position_profile"  # [S, S], one gain per pixel for every class (2026-12-06 runs)
+
+
 def legacy_fill(model: PromptMAD, state: dict[str, Tensor]) -> None:
     """Adds what a checkpoint written before the fusion weight was chosen lacks (its weight was the
-    architecture's seg_weight), and before the position profile existed (it scored as the identity does)."""
+    architecture's seg_weight), and before per-class position gains existed: ones, or, from a run-wide
+    per-pixel profile, its mean over each ring for every class (close to what it scored; recalibrating
+    with `promptmad train ... --position-profile` fits each class its own)."""
     state.setdefault("segmentor.fusion_weight", torch.tensor(float(model.cfg.seg_weight)))
-    state.setdefault("segmentor.position_profile", identity_profile(model.cfg.image_size))
+    if "position_gain" in state:
+        return
+    gain = identity_gain(model.cfg.image_size)
+    if LEGACY_PROFILE in state:
+        rings = ring_index(model.cfg.image_size).flatten()
+        per_pixel = state[LEGACY_PROFILE].flatten()
+        gain = torch.stack([per_pixel[rings == r].mean() for r in range(len(gain))])
+        log.warning("this run has a per-pixel position profile of an older version: each class gets its ring means; "
+                    "recalibrate (promptmad train ... --position-profile) to fit each class its own gains")
+    state["position_gain"] = gain.repeat(model.num_classes, 1)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_backbone: bool = True) -> PromptMAD:

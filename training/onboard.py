@@ -1,5 +1,5 @@
 """A new product class without retraining (`promptmad classes add`): the rows it adds to prompt_bank's
-four per-class tables and its score threshold, computed by the trained model from a few normal images.
+five per-class tables and its score threshold, computed by the trained model from a few normal images.
 
 Each row is made the way training and export make the trained classes' rows, so the served model cannot
 tell an onboarded class from a trained one by how its prompts were made:
@@ -15,7 +15,11 @@ tell an onboarded class from a trained one by how its prompts were made:
   from, as training calibrates: `held_out` images when given; else leave-one-out (image i against the
   bank of the others and their views: K - 1 images, a bank thinner than the served one, and only K scores: a loose
   threshold); with one image and nothing held out, the image itself (its distances are 0, so the units
-  are tiny and nearly every frame of the class will be flagged: a loud warning says so).
+  are tiny and nearly every frame of the class will be flagged: a loud warning says so);
+- position gain [S/2] (a run fitted with --position-profile; ones otherwise): the deviation's gain per ring
+  from those same normal maps in the class's units, with leave-one-out from every view of each image
+  (deviation.ring_gain; the trained classes' mean with one image): a trained class's gain comes from its
+  held-out maps, so this is the same recipe on what the class has.
 Threshold = max(mean + 3 std, max) of those images' scores with the full map (calibration.METHOD).
 
 The model given is modified (its per-class buffers become the new class's): load a fresh one per call.
@@ -33,7 +37,7 @@ import torch
 
 from promptmad import contract
 from promptmad.errors import ConfigError
-from promptmad.training.deviation import build_bank, is_identity, normal_stats
+from promptmad.training.deviation import PatchDeviation, build_bank, identity_gain, is_identity, normal_stats, ring_gain
 from promptmad.training.onboard_images import (AUGMENTS, DEFAULT_AUGMENT, ONBOARD_FUSION_WEIGHT, ONBOARD_FUSION_WEIGHT_PROFILED,
                                                SHIFT_PX)
 
@@ -53,6 +57,7 @@ class ClassRows:
     prompt: np.ndarray  # [N, H]
     bank: np.ndarray  # [K, P]
     stats: np.ndarray  # [2]
+    gain: np.ndarray  # [S/2], the deviation's gain per ring (ones for a run without position gains)
     threshold: float
     calibration: str  # one of CALIBRATIONS
     scores: tuple[float, ...]  # the calibration images' scores
@@ -62,7 +67,8 @@ class ClassRows:
     def tables(self) -> dict[str, np.ndarray]:
         """The rows keyed by table file (contract.PROMPT_BANK_TABLES)."""
         rows = {contract.TEXT_EMBEDDING.name: self.text, contract.PROMPT_TOKENS.name: self.prompt,
-                contract.NORMAL_BANK.name: self.bank, contract.NORMAL_STATS.name: self.stats}
+                contract.NORMAL_BANK.name: self.bank, contract.NORMAL_STATS.name: self.stats,
+                contract.POSITION_GAIN.name: self.gain}
         return {contract.PROMPT_BANK_TABLES[k]: v for k, v in rows.items()}
 
 
@@ -181,7 +187,30 @@ def _calibration_set(model, frames: torch.Tensor, held_out: torch.Tensor | None,
     return frames, bank[None], "self"
 
 
-def _use_rows(model, text: torch.Tensor, feat16: torch.Tensor, banks: torch.Tensor, stats: torch.Tensor) -> None:
+def _view_maps(model, emb: torch.Tensor, folds: torch.Tensor) -> torch.Tensor:
+    """Smoothed distance maps [V * K, S, S] of every view of the K images (patch embeddings `emb`, see views)
+    to the bank without any view of its image (folds [K, ...]): the leave-one-out maps, from the
+    embeddings the bank was built from (no second encoder pass)."""
+    seg, grid = model.segmentor, model.cfg.image_size // 8
+    ids = _ids(len(emb), len(folds))
+    return torch.cat([seg.upsample_smooth(seg.deviation.distance(e, folds[i], grid))
+                      for e, i in zip(emb.split(_CHUNK), ids.split(_CHUNK))])
+
+
+def _class_gain(model, method: str, check_maps: torch.Tensor, plain: torch.Tensor, emb: torch.Tensor,
+                banks: torch.Tensor, trained_gains: torch.Tensor) -> torch.Tensor:
+    """The new class's position gain [S/2] (deviation.ring_gain) on its own normal maps in its plain units:
+    the held-out images' maps, or with leave-one-out every view of each image against the bank without it
+    (a ring is then fitted on V x K maps, as many as the bank has images); with "self" units there is
+    no map a bank was not built from, so the trained classes' mean gain."""
+    if method == "self":
+        return trained_gains.mean(0)
+    maps = check_maps if method == "held-out" else _view_maps(model, emb, banks)
+    return ring_gain(PatchDeviation.to_units(maps, plain[None].expand(len(maps), -1)))
+
+
+def _use_rows(model, text: torch.Tensor, feat16: torch.Tensor, banks: torch.Tensor, stats: torch.Tensor,
+              gain: torch.Tensor) -> None:
     """Makes `model` serve len(banks) classes that share the new class's text, prompt and units,
     class i with bank i (so model.predict(frames, _ids(...)) scores each frame against its bank)."""
     n = len(banks)
@@ -189,6 +218,7 @@ def _use_rows(model, text: torch.Tensor, feat16: torch.Tensor, banks: torch.Tens
     model.prompt_feat16 = feat16.expand(n, -1, -1, -1).contiguous()
     model.normal_bank = banks.contiguous()
     model.normal_stats = stats[None].expand(n, -1).contiguous()
+    model.position_gain = gain[None].expand(n, -1).contiguous()
 
 
 @torch.no_grad()
@@ -196,7 +226,8 @@ def use_class(model, rows: ClassRows, prompt_frame: np.ndarray) -> None:
     """Makes `model` serve the one class of `rows` as class 0 (its prompt image `prompt_frame` uint8
     [1, S, S, 3], the first of its images), so PyTorch scores it as the server would."""
     feat16 = model.encoder(torch.from_numpy(np.ascontiguousarray(prompt_frame)))[2]
-    _use_rows(model, torch.from_numpy(rows.text), feat16, torch.from_numpy(rows.bank)[None], torch.from_numpy(rows.stats))
+    _use_rows(model, torch.from_numpy(rows.text), feat16, torch.from_numpy(rows.bank)[None], torch.from_numpy(rows.stats),
+              torch.from_numpy(rows.gain))
 
 
 def _scores(model, frames: torch.Tensor, n_banks: int) -> np.ndarray:
@@ -254,11 +285,18 @@ def class_rows(model, info, name: str, frames: np.ndarray, held_out: np.ndarray 
     held = None if held_out is None else torch.from_numpy(np.ascontiguousarray(held_out))
     check, banks, method = _calibration_set(model, x, held, emb, bank, name)
     run_weight = float(model.segmentor.fusion_weight)
-    weight = fusion_weight_of(run_weight, method, fusion_weight, profiled=not is_identity(model.segmentor.position_profile))
-    stats = weighted_stats(normal_stats(_distance_maps(model, check, banks)), run_weight, weight)
-    _use_rows(model, text, feat16, banks, stats)
+    trained_gains = model.position_gain.clone()  # before _use_rows replaces the run's rows
+    profiled = not is_identity(trained_gains)
+    weight = fusion_weight_of(run_weight, method, fusion_weight, profiled=profiled)
+    check_maps = _distance_maps(model, check, banks)
+    plain = normal_stats(check_maps)
+    stats = weighted_stats(plain, run_weight, weight)
+    gain = (_class_gain(model, method, check_maps, plain, emb, banks, trained_gains) if profiled
+            else identity_gain(model.cfg.image_size))
+    _use_rows(model, text, feat16, banks, stats, gain)
     scores = _scores(model, check, len(banks))
     return ClassRows(text=text.numpy().astype(np.float32), prompt=prompt.numpy().astype(np.float32),
                      bank=bank.numpy().astype(np.float32), stats=stats.numpy().astype(np.float32),
+                     gain=gain.numpy().astype(np.float32),
                      threshold=threshold_of(scores), calibration=method, scores=tuple(float(s) for s in scores),
                      fusion_weight=weight, text_tower_sha256=tower)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from promptmad.errors import ConfigError, DatasetError
-from promptmad.training.calibration import calibrate, fit_normal_banks, fit_position_profile, held_out_frames, split_calibration
-from promptmad.training.deviation import identity_profile
+from promptmad.training.calibration import calibrate, fit_normal_banks, fit_position_gains, held_out_frames, split_calibration
+from promptmad.training.deviation import identity_gain
 from promptmad.training.fusion import fit_fusion_weight
 from promptmad.training.checkpoint import (RunInfo, atomic_write_text, load_trainer_state, load_weights, probe_writable,
                                            save_prompt_images, save_run, save_trainer_state)
@@ -70,7 +70,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # only used on CUDA
     threads: int | None = None
-    position_profile: bool = False  # fit the deviation's position profile at calibration (training/deviation.py)
+    position_profile: bool = True  # fit each class's position gain at calibration (training/deviation.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -303,10 +303,10 @@ def train(cfg: TrainConfig) -> Path:
     fit_normal_banks(run.model, data.train, data.calib, data.class_to_id, run.arch.image_size, proc.device)
     calibration = {}
     if cfg.position_profile:
-        calibration["position_profile"] = fit_position_profile(run.model, data.calib, data.class_to_id,
-                                                               run.arch.image_size, proc.device)
-    else:  # a recalibrated run without the flag scores as it was trained to: no profile
-        run.model.segmentor.position_profile.copy_(identity_profile(run.arch.image_size))
+        calibration["position_profile"] = fit_position_gains(run.model, data.calib, data.class_to_id,
+                                                             run.arch.image_size, proc.device)
+    else:  # a recalibrated run without the flag scores as it was trained to: no gains
+        run.model.position_gain.copy_(identity_gain(run.arch.image_size).repeat(run.model.num_classes, 1))
     if data.calib:
         fusion = fit_fusion_weight(run.model, held_out_frames(data.calib, data.class_to_id, run.arch.image_size), proc.device)
         calibration |= {**calibrate(run.model, data.calib, data.class_to_id, run.arch.image_size, proc.device), "fusion": fusion}

@@ -2,8 +2,9 @@
 
 `class_id` INT32 [B, 1] -> `text_embedding` FP32 [B, 2, D] (normal/anomalous CLIP prompt
 ensembles), `prompt_tokens` FP32 [B, N, d] (the class's normal-image prompt), `normal_bank` FP32
-[B, K, P] (its normal patch features) and `normal_stats` FP32 [B, 2] (their distance's mean and std
-on held-out normal images). Each output is a row of a per-class table next to this file (TABLES,
+[B, K, P] (its normal patch features), `normal_stats` FP32 [B, 2] (their distance's mean and std
+on held-out normal images) and `position_gain` FP32 [B, S/2] (the deviation's gain per distance to the
+frame's edge). Each output is a row of a per-class table next to this file (TABLES,
 the contract's PROMPT_BANK_TABLES); the class names come from the `class_names` parameter, so
 error messages can name them.
 
@@ -22,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 # output -> table file; promptmad.contract.PROMPT_BANK_TABLES (tests/test_contract.py holds them equal:
 # this file runs in Triton's stub, which does not import promptmad)
 TABLES = {"text_embedding": "text_table.npy", "prompt_tokens": "prompt_table.npy",
-          "normal_bank": "normal_bank.npy", "normal_stats": "normal_stats.npy"}
+          "normal_bank": "normal_bank.npy", "normal_stats": "normal_stats.npy", "position_gain": "position_gain.npy"}
 
 
 class TritonPythonModel:
