@@ -16,7 +16,7 @@ tell an onboarded class from a trained one by how its prompts were made:
   bank of the others and their views: K - 1 images, a bank thinner than the served one, and only K scores: a loose
   threshold); with one image and nothing held out, the image itself (its distances are 0, so the units
   are tiny and nearly every frame of the class will be flagged: a loud warning says so);
-- position gain [S/2] (a run fitted with --position-profile; ones otherwise): the deviation's gain per ring
+- position gain [S/2] (a run with position gains, the default; ones otherwise): the deviation's gain per ring
   from those same normal maps in the class's units, with leave-one-out from every view of each image
   (deviation.ring_gain; the trained classes' mean with one image): a trained class's gain comes from its
   held-out maps, so this is the same recipe on what the class has.

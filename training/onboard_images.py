@@ -47,11 +47,12 @@ SHIFT_PX = 4  # half the deviation term's stride-8 patch grid
 # image and "self" units (distances to its own bank: tiny units, an inflated deviation) the run's w is kept:
 # on the same validation set at K = 1, 75.4/78.0/82.3/84.6/83.6 (the runs' w: 16 or 32).
 ONBOARD_FUSION_WEIGHT = 8.0
-# The same for a run calibrated with --position-profile (training/deviation.py), whose deviation term no
+# The same for a run with position gains (the default; training/deviation.py), whose deviation term no
 # longer peaks in the border ring of normal frames and needs less help: chosen on the same validation set
-# (exp8's 14-kind pool of the doc above) with the same holdout runs recalibrated with the profile, mean
-# I-AUROC for w = 1/2/4/8/16: 90.8/90.7/90.3/88.9/87.0 (the unprofiled runs at w = 8: 85.0;
-# docs/results/position-profile-2026-12-06-epyc.md).
+# (exp8's 14-kind pool of the doc above) with the same holdout runs recalibrated, mean I-AUROC for
+# w = 1/2/4/8/16: 90.8/90.7/90.3/88.9/87.0 with the first, run-wide per-pixel gain (the runs without at
+# w = 8: 85.0; docs/results/position-profile-2026-12-06-epyc.md), re-checked with per-class gains
+# 92.5/92.7/92.4/90.4/87.8 (docs/results/position-gain-per-class-2026-12-06-epyc.md).
 ONBOARD_FUSION_WEIGHT_PROFILED = 1.0
 BY_KIND = "by-kind"  # `promptmad onboard-bench --augment`: each class's augment from its kind (benchmarks/onboarding.py)
 

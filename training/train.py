@@ -305,7 +305,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.position_profile:
         calibration["position_profile"] = fit_position_gains(run.model, data.calib, data.class_to_id,
                                                              run.arch.image_size, proc.device)
-    else:  # a recalibrated run without the flag scores as it was trained to: no gains
+    else:  # --no-position-profile, also on a finished run being recalibrated: no gains
         run.model.position_gain.copy_(identity_gain(run.arch.image_size).repeat(run.model.num_classes, 1))
     if data.calib:
         fusion = fit_fusion_weight(run.model, held_out_frames(data.calib, data.class_to_id, run.arch.image_size), proc.device)
