@@ -74,7 +74,7 @@ def _register_add(sub) -> None:
                         f"(default: {DEFAULT_AUGMENT})")
     a.add_argument("--fusion-weight", type=float, metavar="W",
                    help="the segmentor's weight in the class's map, deviation + W x segmentor probability (default: "
-                        f"{ONBOARD_FUSION_WEIGHT:g}, {ONBOARD_FUSION_WEIGHT_PROFILED:g} for a run with position gains (the default), or the "
+                        f"{ONBOARD_FUSION_WEIGHT_PROFILED:g}, {ONBOARD_FUSION_WEIGHT:g} for a run without position gains, or the "
                         "run's if lower, the run's with one image and no --held-out: "
                         "a segmentor that never saw the product fires on its normal images too; measured in README)")
     a.add_argument("--run", help="the trained run the repository was exported from (default: the manifest's `checkpoint`)")
