@@ -54,6 +54,22 @@ def test_graphs_are_static_and_tensorrt_compatible(exported):
     assert tensorrt_op_table()["source"].startswith("onnx/onnx-tensorrt")
 
 
+def test_same_padding_is_traced_as_constants(exported):
+    """The backbone's TF-style "same" padding: constant pads (ONNX Runtime fuses them into the Conv), no
+    per-frame size arithmetic; and timm's own padding is back once the export is done."""
+    import importlib
+
+    enc = onnx.load(str(exported[2][contract.VISUAL_ENCODER.name]))
+    constant = {i.name for i in enc.graph.initializer}
+    for n in enc.graph.node:  # topological order: a node of constants only is a constant (ONNX Runtime folds it)
+        if all(i in constant for i in n.input):
+            constant.update(n.output)
+    pads = [n for n in enc.graph.node if n.op_type == "Pad"]
+    assert pads and all(n.input[1] in constant for n in pads), [n.input[1] for n in pads]
+    assert not {"Shape", "Ceil"} & {n.op_type for n in enc.graph.node}
+    assert importlib.import_module("timm.layers.conv2d_same").pad_same.__module__ == "timm.layers.padding"
+
+
 def test_dynamic_batch_axis(exported):
     _, _, paths = exported
     for path in paths.values():
