@@ -192,6 +192,7 @@ def _roofline_lines(summary: dict) -> list[str]:
     if t:
         scope = "" if t.get("applies", True) else " (the target is for the FP32 default; this repository is INT8)"
         lines += ["", f"Target: end-to-end share >= {t['target_share']:.0%} of the measured ceiling at {rl['image_size']}x"
-                      f"{rl['image_size']} (best concurrency): {_f(t['share'] * 100, '.0f', '%')}, {t['verdict']}"
-                      + ("" if t["verdict"] == "not measured" else f" by {abs(t['margin_points']):.0f} points") + scope + "."]
+                      f"{rl['image_size']} (best concurrency): {_f(t['share'] * 100, '.1f', '%')}, {t['verdict']}"
+                      # one decimal: 59.8% rounded to "60%, missed by 0 points" read as a contradiction
+                      + ("" if t["verdict"] == "not measured" else f" by {abs(t['margin_points']):.1f} points") + scope + "."]
     return lines

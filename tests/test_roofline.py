@@ -195,6 +195,8 @@ def test_results_md_carries_the_roofline_section(tiny_repository, tmp_path):
         assert f"| 128x128 | {step} | fp32 |" in md
     assert "| 128x128 | end to end, best (c=3) | fp32 |" in md and "gemm | fp32 | 128x128x128 | 1 x" in md
     assert f"Target: end-to-end share >= {TARGET_SHARE:.0%}" in md and rl["target"]["verdict"] in ("met", "missed")
+    t = rl["target"]  # one decimal: a 59.8% share must not read "60%, missed by 0 points"
+    assert f"{100 * t['share']:.1f}%, {t['verdict']} by {abs(t['margin_points']):.1f} points" in md
     total = sum(f["flops"] for f in rl["flops"].values()) / 1e9
     assert rl["sizes"]["128"][-2]["gflops_per_s"] == pytest.approx(total * 30.0)
     assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
