@@ -25,7 +25,8 @@ do not change when classes do.
   border's and a defect inside must beat it. Per class because how far the border rises depends on the
   class and its bank: a trained class's row comes from its held-out normal maps, an onboarded one's from
   the leave-one-out maps of its K images (one run-wide per-pixel gain fitted on the trained classes left
-  an onboarded texture behind: grass, K = 4, validation pool, 80.7 with it vs 85.6 with its own rings). Rings, not pixels: a class has a few held-out frames, and a ring pools every pixel at that depth.
+  an onboarded texture behind: grass, K = 4, validation pool, 80.7 with it vs 85.6 with its own rings).
+  Rings, not pixels: a class has a few held-out frames, and a ring pools every pixel at that depth.
   Ones (no change) unless fitted.
 
 The training-free kNN peer of the benchmarks (`knn_peer.py`) uses these same features, so the two
