@@ -36,10 +36,11 @@ CONVENTION = (f"{FLOPS_PER_MAC} FLOPs per multiply-accumulate of Conv, ConvTrans
               "counted from the repository's ONNX graphs at batch 1 and the model's image size; elementwise ops apart")
 
 
-def served_threads(repo: Path | str) -> dict[str, dict[str, int]]:
+def served_threads(repo: Path | str) -> dict[str, dict[str, int | str]]:
     """Per engine step, the instances and ONNX Runtime intra-op threads its config.pbtxt sets
     (python-ort: parameter ``intra_op_threads``, written from `promptmad export --ort-threads`;
-    absent: 0, ONNX Runtime's all cores, as model_repository/onnx_runner.py reads it)."""
+    absent: 0, ONNX Runtime's all cores, as model_repository/onnx_runner.py reads it; or
+    contract.ORT_THREADS_AUTO)."""
     from promptmad.export.repository_edit import read_config
 
     out = {}
@@ -49,7 +50,8 @@ def served_threads(repo: Path | str) -> dict[str, dict[str, int]]:
             raise BenchError(f"{path}: missing; the roofline reads each step's threads from an exported repository")
         cfg = read_config(path)
         threads = cfg.parameters[contract.PARAM_ORT_THREADS].string_value if contract.PARAM_ORT_THREADS in cfg.parameters else "0"
-        out[step] = {"instances": sum(g.count or 1 for g in cfg.instance_group) or 1, "threads": int(threads)}
+        out[step] = {"instances": sum(g.count or 1 for g in cfg.instance_group) or 1,
+                     "threads": threads if threads == contract.ORT_THREADS_AUTO else int(threads)}
     return out
 
 
@@ -73,10 +75,15 @@ def build_roofline(summary: dict, repo: Path | str, *, seconds: float = 2.0, gem
         raise BenchError(f"steps use different intra-op threads {sorted(threads)}; re-export with one --ort-threads value")
     cores = cores or len(os.sched_getaffinity(0))
     kernels = [k for k in (gemm_kernel(gemm_n), conv3x3_kernel(), _model_conv(flops)) if k is not None]
-    ceiling = measure_ceiling(threads.pop(), cores, seconds=seconds, kernels=kernels,
+    threads = threads.pop()
+    # `auto` steps compute on one thread each when busy together and on every core alone: the step ceiling is
+    # one thread's, and a frame alone (c=1) is held against every core (the machine level)
+    auto = threads == contract.ORT_THREADS_AUTO
+    ceiling = measure_ceiling(1 if auto else threads, cores, seconds=seconds, kernels=kernels,
                               int8=any(f.quantized for f in flops.values()))
     image_size = summary.get("image_size")
-    sizes = {size: size_rows(flops, ceiling, r) for size, r in summary.get("results", {}).items()}
+    sizes = {size: size_rows(flops, ceiling, r, c1_level="machine" if auto else "step")
+             for size, r in summary.get("results", {}).items()}
     return {"convention": CONVENTION, "image_size": image_size, "cores": cores, "served": served,
             "flops": {k: v.as_dict() for k, v in flops.items()},
             "total_gflop_per_frame": sum(f.flops for f in flops.values()) / 1e9,
@@ -101,8 +108,9 @@ def _row(what: str, gflop: float, fps: float, ceiling: float, **extra) -> dict:
             "ceiling_gflops_per_s": ceiling, "share": achieved / ceiling if ceiling else NAN, **extra}
 
 
-def size_rows(flops: dict[str, StepFlops], ceiling: Ceiling, res: dict) -> list[dict]:
-    """The roofline rows of one frame size: each engine step, then end to end (best, c=1)."""
+def size_rows(flops: dict[str, StepFlops], ceiling: Ceiling, res: dict, c1_level: str = "step") -> list[dict]:
+    """The roofline rows of one frame size: each engine step, then end to end (best, c=1; a frame alone is
+    held against `c1_level`'s ceiling)."""
     rows = []
     breakdown, alone = res.get("step_breakdown", {}), res.get("composing_c1", {})
     for step, f in flops.items():
@@ -119,8 +127,8 @@ def size_rows(flops: dict[str, StepFlops], ceiling: Ceiling, res: dict) -> list[
     rows.append(_row(f"end to end, best (c={best.get('Concurrency', '?')})", total, best.get("Inferences/Second", NAN),
                      _ceiling_of(ceiling, flops, "machine"), level="machine", precision=precision,
                      elementwise_mop_per_frame=elementwise, end_to_end="best"))
-    rows.append(_row("end to end, c=1", total, c1.get("Inferences/Second", NAN), _ceiling_of(ceiling, flops, "step"),
-                     level="step", precision=precision, elementwise_mop_per_frame=elementwise, end_to_end="c1"))
+    rows.append(_row("end to end, c=1", total, c1.get("Inferences/Second", NAN), _ceiling_of(ceiling, flops, c1_level),
+                     level=c1_level, precision=precision, elementwise_mop_per_frame=elementwise, end_to_end="c1"))
     return rows
 
 

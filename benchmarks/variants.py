@@ -40,7 +40,7 @@ class Variant:
     layout: str = "steps"
     batching: bool = True
     engine_instances: int | None = KEEP
-    ort_threads: int | None = KEEP  # ONNX Runtime intra-op threads of each engine instance
+    ort_threads: int | str | None = KEEP  # ONNX Runtime intra-op threads of each engine instance, or "auto"
     spinning: bool | None = KEEP  # ONNX Runtime's thread pool spins between ops (its default) or sleeps
 
     def __post_init__(self):
@@ -50,12 +50,14 @@ class Variant:
             raise BenchError(f"variant {self.name}: layout {self.layout!r}, choose one of {', '.join(contract.LAYOUTS)}")
         if self.engine_instances is not None and not 1 <= self.engine_instances <= 16:
             raise BenchError(f"variant {self.name}: engine_instances {self.engine_instances}, give 1..16 (or leave it as exported)")
-        if self.ort_threads is not None and not 1 <= self.ort_threads <= 64:
-            raise BenchError(f"variant {self.name}: ort_threads {self.ort_threads}, give 1..64 (or leave it as exported)")
+        if (self.ort_threads is not None and self.ort_threads != contract.ORT_THREADS_AUTO
+                and not (isinstance(self.ort_threads, int) and 1 <= self.ort_threads <= 64)):
+            raise BenchError(f"variant {self.name}: ort_threads {self.ort_threads!r}, give 1..64 or "
+                             f"'{contract.ORT_THREADS_AUTO}' (or leave it as exported)")
 
 
 PRESETS = {v.name: v for v in (
-    Variant("default", layout="fused", batching=False),  # what `promptmad export` gives for python-ort
+    Variant("default", layout="fused", batching=False),  # what `promptmad export` gives for python-ort (auto threads)
     Variant("fused-batching", layout="fused"),
     Variant("fused-1", layout="fused", batching=False, engine_instances=1),
     # each instance on every core: one frame alone gets both, two frames share them (4 threads on 2 cores;
@@ -64,6 +66,10 @@ PRESETS = {v.name: v for v in (
     Variant("fused-2threads", layout="fused", batching=False, ort_threads=2, spinning=False),
     # one frame at a time on every core, spinning (ONNX Runtime's default): the latency layout of one camera
     Variant("fused-1-2threads", layout="fused", batching=False, engine_instances=1, ort_threads=2, spinning=True),
+    # the default's `auto` threads (every core for a frame alone, a share each for frames computed together)
+    # with the pool sleeping between ops instead of spinning
+    Variant("fused-auto-sleep", layout="fused", batching=False, ort_threads=contract.ORT_THREADS_AUTO, spinning=False),
+    Variant("fused-1thread", layout="fused", batching=False, ort_threads=1),  # the export default until 2026-12-06 22:00
     Variant("steps", batching=False),
     Variant("steps-batching"),  # the export default until 2026-12-06
     Variant("engines-1", engine_instances=1),  # step layout, batching: the instance counts of steps-batching changed

@@ -35,6 +35,16 @@ SERVE_DESCRIPTION = (
 )
 
 
+def _ort_threads(text: str):
+    from promptmad.errors import ExportError
+    from promptmad.export.repository import parse_ort_threads
+
+    try:
+        return parse_ort_threads(text)
+    except ExportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(subparsers) -> None:
     _register_export(subparsers)
     _register_serve(subparsers)
@@ -58,9 +68,11 @@ def _register_export(subparsers) -> None:
     e.add_argument("--data", help="dataset whose test frames are used for the parity checks (default: the run's prompt images)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     e.add_argument("--instances", type=int, help="instances of each engine model (default: 2 for the segmentor with python-ort, else 1)")
-    e.add_argument("--ort-threads", type=int, default=1,
-                   help="python-ort: ONNX Runtime threads per instance (default 1: the steps run in parallel as a pipeline, "
-                        "so one thread each keeps them from fighting over the cores; 0 = all cores)")
+    e.add_argument("--ort-threads", type=_ort_threads,
+                   help="python-ort: ONNX Runtime threads per engine instance: a number (0 = every core) or "
+                        f"'{contract.ORT_THREADS_AUTO}' (an instance computing alone takes every core of the server, instances "
+                        f"computing together split them). Default: {contract.ORT_THREADS_AUTO} for the fused layout; 1 for the "
+                        "steps layout, whose steps compute side by side as a pipeline")
     e.add_argument("--no-fp16", action="store_true", help="tensorrt: build FP32 engines")
     e.add_argument("--skip-parity", action="store_true", help="skip the PyTorch-vs-ONNX parity check (not recommended)")
     e.add_argument("--layout", choices=contract.LAYOUTS,

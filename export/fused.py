@@ -35,6 +35,11 @@ FUSED = contract.FUSED_ENGINE
 # keep both cores of the 2-core machines of benchmarks/README.md busy, as the step layout's two
 # segmentor instances do. `fuse_repository(instances=...)` and `promptmad bench-variants` change it.
 FUSED_INSTANCES = 2
+# ONNX Runtime threads of each fused instance: every core for a frame computed alone, the cores split among
+# the instances computing together (model_repository/onnx_runner.py). On the 2-core AMD EPYC of
+# benchmarks/README.md ("Variants"): 1.51x the frames/s of one thread each at concurrency 1, 0.98x at the best
+# concurrency; on a bigger server the instances use every core instead of one each.
+FUSED_THREADS = contract.ORT_THREADS_AUTO
 GUARD_PREFIX = f"{FUSED.name}/finite_guard/"
 _CONTRACT_TENSORS = {t.name: t for s in contract.FUSED_FROM for t in (*s.inputs, *s.outputs)}
 
@@ -127,11 +132,11 @@ def merge_engine_graphs(graphs: Mapping[str, object]):
     return model
 
 
-def fused_config(stage: Path, instances: int):
+def fused_config(stage: Path, instances: int, threads: int | str = FUSED_THREADS):
     """The fused step's config: the exported segmentor's (backend, runner parameters, batching) with the
-    contract's inputs and outputs as the engine steps declared them, `instances` instances and a zero
-    warm-up batch of its own inputs."""
-    from promptmad.export.repository import add_zero_warmup
+    contract's inputs and outputs as the engine steps declared them, `instances` instances of `threads`
+    ONNX Runtime threads and a zero warm-up batch of its own inputs."""
+    from promptmad.export.repository import add_zero_warmup, check_ort_threads
     from promptmad.export.repository_edit import read_config
 
     sources = {s.name: read_config(stage / s.name / "config.pbtxt") for s in contract.FUSED_FROM}
@@ -144,6 +149,8 @@ def fused_config(stage: Path, instances: int):
     cfg.input.extend(declared_in[n] for n in FUSED.input_names)
     cfg.output.extend(declared_out[n] for n in FUSED.output_names)
     cfg.instance_group[0].count = instances
+    check_ort_threads(threads)
+    cfg.parameters[contract.PARAM_ORT_THREADS].string_value = str(threads)
     add_zero_warmup(cfg)
     return cfg
 
@@ -160,7 +167,8 @@ def _check_stage(stage: Path) -> None:
                           "ensemble of engines); export with --runtime python-ort")
 
 
-def fuse_stage(stage: Path, manifest: dict, *, instances: int = FUSED_INSTANCES) -> dict:
+def fuse_stage(stage: Path, manifest: dict, *, instances: int = FUSED_INSTANCES,
+               threads: int | str = FUSED_THREADS) -> dict:
     """Turns the repository at `stage` (an edit copy: files are replaced, never written into) into the
     fused layout and returns its manifest, to be sealed. Used through :func:`fuse_repository`."""
     import onnx
@@ -177,7 +185,7 @@ def fuse_stage(stage: Path, manifest: dict, *, instances: int = FUSED_INSTANCES)
     version.mkdir(parents=True)
     replace_file(version / contract.ONNX_FILE, merge_engine_graphs(graphs).SerializeToString())
     shutil.copy2(latest_version(stage / contract.SEGMENTOR.name) / "model.py", version / "model.py")  # the ONNX Runtime runner
-    write_config(stage / FUSED.name / "config.pbtxt", fused_config(stage, instances))
+    write_config(stage / FUSED.name / "config.pbtxt", fused_config(stage, instances, threads))
     for ensemble in contract.FUSED_ENSEMBLES:
         path = stage / ensemble.name / "config.pbtxt"
         cfg = read_config(path)
@@ -192,16 +200,17 @@ def fuse_stage(stage: Path, manifest: dict, *, instances: int = FUSED_INSTANCES)
     fused_from = {s.name: checksums.get(f"{s.name}/1/{contract.ONNX_FILE}") for s in contract.FUSED_FROM}
     for step in contract.FUSED_FROM:
         shutil.rmtree(stage / step.name)  # in an edit copy: directory entries of hard links only
-    return {**manifest, "layout": "fused", "fused_from_sha256": fused_from, "fused_instances": instances}
+    return {**manifest, "layout": "fused", "fused_from_sha256": fused_from, "fused_instances": instances,
+            "fused_threads": threads}
 
 
-def fuse_repository(repo: str | Path, *, instances: int = FUSED_INSTANCES) -> dict:
+def fuse_repository(repo: str | Path, *, instances: int = FUSED_INSTANCES, threads: int | str = FUSED_THREADS) -> dict:
     """Converts an exported python-ort repository into the fused layout, in place and atomically (the
     edit machinery of `promptmad classes`: verified first, sealed again, swapped in one step); returns
     the new manifest. For a fused copy, copy the repository first (`shutil.copytree`)."""
     from promptmad.export.repository_edit import edit_repository
 
-    return edit_repository(repo, partial(fuse_stage, instances=instances))
+    return edit_repository(repo, partial(fuse_stage, instances=instances, threads=threads))
 
 
 def layout(repo: str | Path) -> str:

@@ -237,7 +237,7 @@ def export_run(
     check_parity: bool = True,
     fp16: bool = True,
     instance_count: int | None = None,
-    ort_threads: int = 1,
+    ort_threads: int | str | None = None,
     precision: str = "fp32",
     quantize: QuantizeConfig | None = None,
     layout: str | None = None,
@@ -248,7 +248,9 @@ def export_run(
     `precision` "int8": QDQ graphs calibrated (`quantize`, default QuantizeConfig()) on the normal
     training frames of `data`, else of the run's training data. `layout` "fused": the three engine graphs
     merged into one step (export/fused.py; python-ort only), measured faster on CPU (benchmarks/README.md);
-    None: default_layout(runtime). `dynamic_batching` None: repository.default_dynamic_batching(runtime)."""
+    None: default_layout(runtime). `dynamic_batching` None: repository.default_dynamic_batching(runtime).
+    `ort_threads` None: one thread per engine instance in the step layout (the steps compute side by side),
+    fused.FUSED_THREADS for the fused step."""
     quantize = quantize or QuantizeConfig()
     layout = default_layout(runtime) if layout is None else layout
     _check_layout(layout, runtime)
@@ -265,7 +267,8 @@ def export_run(
     reference = reference_outputs(model, frames, ids, tables)
     spec = RepositorySpec(runtime=runtime, class_names=tuple(info.classes), thresholds=info.thresholds, image_size=size,
                           tensor_shapes=step_tensor_shapes(model), max_batch=max_batch,
-                          instance_count=instance_count, ort_threads=ort_threads, dynamic_batching=dynamic_batching)
+                          instance_count=instance_count, ort_threads=1 if ort_threads is None else ort_threads,
+                          dynamic_batching=dynamic_batching)
     staging = Path(tempfile.mkdtemp(prefix="promptmad-export-"))  # scratch; the repository itself is staged beside --out
     try:
         onnx_paths, unsupported = _export_graphs(model, staging, reference, opset=opset, runtime=runtime)
@@ -284,9 +287,11 @@ def export_run(
         repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository
         if layout != contract.LAYOUTS[0]:  # a second atomic swap: the step layout in between is a valid repository
-            from promptmad.export.fused import FUSED_INSTANCES, fuse_repository
+            from promptmad.export.fused import FUSED_INSTANCES, FUSED_THREADS, fuse_repository
 
-            manifest = fuse_repository(repo, instances=instance_count or FUSED_INSTANCES)  # --instances holds for it too
+            # --instances and --ort-threads hold for it too
+            manifest = fuse_repository(repo, instances=instance_count or FUSED_INSTANCES,
+                                       threads=FUSED_THREADS if ort_threads is None else ort_threads)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (runtime %s, %s)", run_dir, repo, runtime, precision)

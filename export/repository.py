@@ -49,12 +49,31 @@ class RepositorySpec:
     tensor_shapes: dict[str, tuple[int, ...]]  # contract.tensor_shapes for the run's architecture
     max_batch: int = contract.DEFAULT_MAX_BATCH
     instance_count: int | None = None
-    ort_threads: int = 1
+    ort_threads: int | str = 1  # per engine instance, 0 = all cores, or contract.ORT_THREADS_AUTO
     dynamic_batching: bool | None = None  # None: default_dynamic_batching(runtime)
+
+    def __post_init__(self):
+        check_ort_threads(self.ort_threads)
 
     @property
     def batching(self) -> bool:
         return default_dynamic_batching(self.runtime) if self.dynamic_batching is None else self.dynamic_batching
+
+
+def check_ort_threads(value) -> None:
+    """`ort_threads`: a count of threads (0 = every core) or contract.ORT_THREADS_AUTO."""
+    if value == contract.ORT_THREADS_AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise ExportError(f"ort_threads {value!r}: give a number of threads 0..256 (0 = every core) or "
+                          f"'{contract.ORT_THREADS_AUTO}' (every core alone, split among the instances busy together)")
+
+
+def parse_ort_threads(text: str) -> int | str:
+    """The --ort-threads argument: a number or 'auto'."""
+    value = text if text == contract.ORT_THREADS_AUTO else int(text) if text.lstrip("-").isdigit() else text
+    check_ort_threads(value)
+    return value
 
 
 def _pb():

@@ -6,39 +6,139 @@ All requests of a dynamic batch are concatenated into one ONNX Runtime run and t
 back per request. Fail closed: float inputs with NaN/inf are refused per request, and so is a
 request whose outputs are not finite (inputs far outside the trained range overflow to NaN, and a
 NaN score compares False against any threshold: it would pass a part). Every error names the step.
+
+Threads `auto` (contract.ORT_THREADS_AUTO): an instance computing alone uses every core of the server, and
+instances computing at the same time split them (each instance keeps one session per thread count it may
+need). On 2 cores, one camera's frame runs on both (1.5x faster than on one), and two frames in flight run
+on one core each, where a session of 2 threads per instance would oversubscribe the cores (measured in
+benchmarks/README.md, "Variants").
 """
 
+import fcntl
 import json
 import os
+import tempfile
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+AUTO = "auto"  # contract.ORT_THREADS_AUTO (this file runs in the stub, without promptmad installed)
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
+
+
+class ThreadShare:
+    """Which instances of one model in one server are computing now: one byte-range lock per instance in a
+    file named by the server's pid and the model. Each instance owns a slot (an exclusive lock on byte
+    `MAX_SLOTS + slot`, held for its life, released by the kernel if it dies) and locks byte `slot` while it
+    computes; the others probe that byte without waiting. An instance takes its busy lock before probing, so
+    of two instances starting together at least one sees the other."""
+
+    MAX_SLOTS = 32  # instances of one model, old and new ones together while it reloads
+
+    def __init__(self, model_name):
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.path = os.path.join(folder, f"promptmad-threads-{os.getppid()}-{model_name}")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.slot = next((i for i in range(self.MAX_SLOTS) if self._try(fcntl.LOCK_EX, self.MAX_SLOTS + i)), None)
+        if self.slot is None:
+            raise RuntimeError(f"{model_name}: more than {self.MAX_SLOTS} instances share {self.path}")
+
+    def _try(self, mode, byte):
+        try:
+            fcntl.lockf(self.fd, mode | fcntl.LOCK_NB, 1, byte)
+            return True
+        except OSError:
+            return False
+
+    def _held(self, byte):
+        """Whether another process holds a lock on `byte` (probing takes and drops a shared lock)."""
+        if self._try(fcntl.LOCK_SH, byte):
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, byte)
+            return False
+        return True
+
+    def begin(self):
+        """Mark this instance busy; returns how many other instances are computing."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.slot)
+        return sum(self._held(i) for i in range(self.MAX_SLOTS) if i != self.slot and self._held(self.MAX_SLOTS + i))
+
+    def end(self):
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.slot)
+
+    def close(self):
+        """The last instance to go removes the file (a later server has another pid, hence another file)."""
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.MAX_SLOTS + self.slot)
+        if not any(self._held(self.MAX_SLOTS + i) for i in range(self.MAX_SLOTS)):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self.fd)
+
+
+def server_cores():
+    """The cores this server may run on (its CPU affinity, which a container's cpuset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_counts(cores, instances):
+    """Thread counts an `auto` instance may use, from alone (every core) to all instances busy."""
+    return sorted({max(1, cores // k) for k in range(1, max(1, instances) + 1)}, reverse=True)
+
+
 class TritonPythonModel:
+    def _session(self, ort, path, providers, threads, spinning):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (all cores)
+        options.inter_op_num_threads = 1
+        # contract.PARAM_ORT_SPINNING: "0" makes the pool sleep between ops, so the threads of one instance do
+        # not spin on cores another instance (or step) is computing on
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        # a pool that spins after its run would take the cores of the instance that starts next
+        options.add_session_config_entry("session.force_spinning_stop", "1" if self.share else "0")
+        session = ort.InferenceSession(path, options, providers=providers)
+        # ONNX Runtime falls back to CPU silently when the first provider is missing: refuse that at load time
+        if session.get_providers()[0] != providers[0]:
+            raise RuntimeError(f"{self.name}: providers {providers[0]} asked for, ONNX Runtime gave "
+                               f"{session.get_providers()} (available here: {ort.get_available_providers()})")
+        return session
+
     def initialize(self, args):
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))  # contract.PARAM_ORT_THREADS
-        options.inter_op_num_threads = 1
-        # contract.PARAM_ORT_SPINNING: "0" makes the pool sleep between ops, so the threads of one instance do
-        # not spin on cores another instance (or step) is computing on
-        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
+        self.name = args["model_name"]
+        threads = params.get("intra_op_threads", "0")  # contract.PARAM_ORT_THREADS: a number, or AUTO
         # `providers` (comma-separated, default CPU): e.g. "CUDAExecutionProvider,CPUExecutionProvider" on a GPU.
-        # ONNX Runtime falls back to CPU silently when the first one is missing: refuse that at load time instead.
         providers = params.get("providers", "CPUExecutionProvider").split(",")
-        self.session = ort.InferenceSession(path, options, providers=providers)
-        if self.session.get_providers()[0] != providers[0]:
-            raise RuntimeError(f"{args['model_name']}: providers {providers[0]} asked for, ONNX Runtime gave "
-                               f"{self.session.get_providers()} (available here: {ort.get_available_providers()})")
+        spinning = params.get("allow_spinning", "1")
+        self.share = None
+        if threads == AUTO:
+            instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+            self.share = ThreadShare(self.name) if instances > 1 else None
+            counts = thread_counts(server_cores(), instances)
+        else:
+            counts = [int(threads)]
+        # largest first: the session for `k` busy instances is the first whose count fits cores // (k + 1)
+        self.sessions = [(n, self._session(ort, path, providers, n, spinning)) for n in counts]
+        self.session = self.sessions[0][1]
+        self.cores = counts[0]
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
         self.max_batch = int(config.get("max_batch_size", 0))
-        self.name = args["model_name"]
+        for _, session in self.sessions[1:]:  # Triton's warm-up reaches the first one only
+            session.run(None, {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
+                                                dtype=_ORT_DTYPES.get(i.type, np.float32)) for i in session.get_inputs()})
+
+    def finalize(self):
+        if self.share is not None:
+            self.share.close()
 
     def _error(self, message):
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{self.name}: {message}"))
@@ -54,8 +154,22 @@ class TritonPythonModel:
             arrays[name] = a
         return arrays
 
+    def _pick(self, busy):
+        """The session for `busy` other instances computing: the most threads that fit cores // (busy + 1)."""
+        fit = max(1, self.cores // (busy + 1))
+        return next((s for n, s in self.sessions if n <= fit), self.sessions[-1][1])
+
     def _run(self, feeds):
-        outs = self.session.run([n for n, _ in self.outputs], feeds)
+        if self.share is None:
+            return self._run_on(self.session, feeds)
+        busy = self.share.begin()
+        try:
+            return self._run_on(self._pick(busy), feeds)
+        finally:
+            self.share.end()
+
+    def _run_on(self, session, feeds):
+        outs = session.run([n for n, _ in self.outputs], feeds)
         return [o.astype(dtype, copy=False) for o, (_, dtype) in zip(outs, self.outputs)]
 
     def _respond(self, outs):

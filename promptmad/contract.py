@@ -199,7 +199,9 @@ PARAM_INPUT_KIND = "input_kind"
 PARAM_MAX_PIXELS_PER_REQUEST = "max_pixels_per_request"  # preprocess and postprocess: MAX_PIXELS_PER_REQUEST
 PARAM_ENCODED_FORMATS = "encoded_formats"  # preprocess: JSON list, ENCODED_FORMATS
 # ONNX Runtime engine steps (python-ort; model_repository/onnx_runner.py spells them out, it runs in the stub)
-PARAM_ORT_THREADS = "intra_op_threads"  # intra-op threads per instance
+PARAM_ORT_THREADS = "intra_op_threads"  # intra-op threads per instance, or ORT_THREADS_AUTO
+# every core for an instance computing alone, the cores split among the instances computing together
+ORT_THREADS_AUTO = "auto"
 PARAM_ORT_SPINNING = "allow_spinning"  # "1" (ONNX Runtime's default): its pool spins between ops; "0": it sleeps
 
 

@@ -167,6 +167,9 @@ def test_shares_are_flops_times_fps_over_the_ceiling():
     best, c1 = rows["end to end, best (c=3)"], rows["end to end, c=1"]
     assert best["gflops_per_s"] == pytest.approx(8.0) and best["share"] == pytest.approx(8.0 / 18.0)  # machine ceiling
     assert c1["gflops_per_s"] == pytest.approx(6.0) and c1["share"] == pytest.approx(0.6)             # one-session ceiling
+    # `auto` threads: a frame alone computes on every core, so c=1 is held against the machine ceiling
+    auto = {r["what"]: r for r in size_rows(flops, _fixed_ceiling(), _served(), c1_level="machine")}
+    assert auto["end to end, c=1"]["share"] == pytest.approx(6.0 / 18.0) and auto["end to end, c=1"]["level"] == "machine"
     # an INT8 step is held against the INT8 ceiling; end to end, the FLOP-weighted harmonic mean of both
     flops["segmentor"].quantized = True
     rows = {r["what"]: r for r in size_rows(flops, _fixed_ceiling(), _served())}
@@ -236,4 +239,4 @@ def test_fused_layout_counts_the_same_model(tiny_repository, tmp_path):
     one = repository_flops(fused)
     assert list(one) == [contract.FUSED_ENGINE.name]
     assert one[contract.FUSED_ENGINE.name].flops == sum(f.flops for f in steps.values())
-    assert served_threads(fused) == {contract.FUSED_ENGINE.name: {"instances": 2, "threads": 1}}
+    assert served_threads(fused) == {contract.FUSED_ENGINE.name: {"instances": 2, "threads": contract.ORT_THREADS_AUTO}}

@@ -11,7 +11,7 @@ import pytest
 from promptmad import contract
 from promptmad.benchmarks.perf_analyzer import BenchError
 from promptmad.benchmarks.variants import PRESETS, Variant, build_variant, run_variants, summarise
-from promptmad.export.fused import FUSED_INSTANCES
+from promptmad.export.fused import FUSED_INSTANCES, FUSED_THREADS
 from promptmad.export.manifest import verify_repository_checksums
 from promptmad.export.repository import validate_repository
 from promptmad.export.repository_edit import read_config
@@ -32,7 +32,8 @@ def test_variant_fields_are_checked():
         Variant("../x")
 
 
-@pytest.mark.parametrize("name", ["default", "fused-batching", "steps", "engines-2", "fused-2threads", "fused-1-2threads"])
+@pytest.mark.parametrize("name", ["default", "fused-batching", "steps", "engines-2", "fused-2threads", "fused-1-2threads",
+                                  "fused-1thread", "fused-auto-sleep"])
 def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path, name):
     variant = PRESETS[name]
     before = verify_repository_checksums(tiny_repository)
@@ -60,7 +61,10 @@ def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path,
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         if model in engines and variant.ort_threads is not None:
             assert params[contract.PARAM_ORT_THREADS] == str(variant.ort_threads), model
-            assert params[contract.PARAM_ORT_SPINNING] == ("1" if variant.spinning else "0"), model
+            if variant.spinning is not None:
+                assert params[contract.PARAM_ORT_SPINNING] == ("1" if variant.spinning else "0"), model
+        elif model == contract.FUSED_ENGINE.name:  # the fused step's own default, whatever the steps had
+            assert params[contract.PARAM_ORT_THREADS] == FUSED_THREADS == contract.ORT_THREADS_AUTO
         elif contract.PARAM_ORT_THREADS in reference.parameters:
             assert params[contract.PARAM_ORT_THREADS] == reference.parameters[contract.PARAM_ORT_THREADS].string_value, model
             assert contract.PARAM_ORT_SPINNING not in params, model

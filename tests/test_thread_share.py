@@ -1,0 +1,176 @@
+"""`--ort-threads auto` (model_repository/onnx_runner.py): an engine instance computing alone takes every
+core, instances computing together split them. The share between the instances' processes (byte-range
+locks in one file per server and model), the thread counts and session choice, and a real tritonserver
+serving an `auto` repository: same answers as the default, the share's file there while it serves and
+gone when it stops."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import multiprocessing
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from promptmad import contract
+from promptmad.errors import ExportError
+from promptmad.export.repository import parse_ort_threads
+from promptmad.export.repository_edit import read_config
+from promptmad.export.server import TritonServer
+from tests.helpers import infer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _runner():
+    """onnx_runner.py as the stub loads it (triton_python_backend_utils exists only in the stub)."""
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("onnx_runner_under_test", ROOT / "model_repository" / "onnx_runner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_thread_counts_go_from_every_core_to_a_share_each():
+    runner = _runner()
+    assert runner.AUTO == contract.ORT_THREADS_AUTO
+    assert runner.thread_counts(2, 2) == [2, 1]
+    assert runner.thread_counts(16, 2) == [16, 8]
+    assert runner.thread_counts(16, 3) == [16, 8, 5]
+    assert runner.thread_counts(2, 1) == [2]
+    assert runner.thread_counts(1, 4) == [1]
+    model = runner.TritonPythonModel()
+    model.cores, model.sessions = 16, [(16, "s16"), (8, "s8"), (5, "s5")]
+    assert [model._pick(b) for b in (0, 1, 2, 5)] == ["s16", "s8", "s5", "s5"]
+
+
+def _instance(name, started, release, results):
+    share = _runner().ThreadShare(name)
+    results.put(("slot", share.slot))
+    started.wait()
+    results.put(("busy", share.begin()))
+    release.wait()
+    share.end()
+    share.close()
+
+
+def test_instances_see_each_other_computing(tmp_path):
+    """Two processes of one model (children of one parent, as a server's stubs are): the second to begin
+    sees the first computing; after the first ends, an instance sees nobody; the last one removes the file."""
+    name = f"test-{os.getpid()}"
+    ctx = multiprocessing.get_context("fork")
+    started, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    first = ctx.Process(target=_instance, args=(name, started, release, results))
+    first.start()
+    try:
+        assert results.get(timeout=30) == ("slot", 0)
+        # a second child: same parent, same file
+        second_started, second_release = ctx.Event(), ctx.Event()
+        second = ctx.Process(target=_instance, args=(name, second_started, second_release, results))
+        second.start()
+        assert results.get(timeout=30) == ("slot", 1)
+        started.set()
+        assert results.get(timeout=30) == ("busy", 0)  # the first computes alone
+        second_started.set()
+        assert results.get(timeout=30) == ("busy", 1)  # the second sees the first
+        release.set()
+        first.join(30)
+        second_release.set()
+        second.join(30)
+        assert first.exitcode == 0 and second.exitcode == 0
+        assert not Path(first_path(name, os.getpid())).exists()  # the last to close removed it
+    finally:
+        release.set()
+        for p in multiprocessing.active_children():
+            p.kill()
+
+
+def first_path(name, parent_pid):
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
+    return os.path.join(folder, f"promptmad-threads-{parent_pid}-{name}")
+
+
+def test_the_busy_count_comes_back_to_zero():
+    """begin/end in one child, then again: a finished run leaves no busy mark behind."""
+    ctx = multiprocessing.get_context("fork")
+    name = f"test-again-{os.getpid()}"
+    a_started, a_release, b_started, b_release, results = (ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue())
+    a = ctx.Process(target=_instance, args=(name, a_started, a_release, results))
+    a.start()
+    assert results.get(timeout=30)[0] == "slot"
+    a_started.set()
+    assert results.get(timeout=30) == ("busy", 0)
+    a_release.set()
+    a.join(30)
+    b = ctx.Process(target=_instance, args=(name, b_started, b_release, results))
+    b.start()
+    assert results.get(timeout=30) == ("slot", 0)  # the first's slot was freed
+    b_started.set()
+    assert results.get(timeout=30) == ("busy", 0)
+    b_release.set()
+    b.join(30)
+
+
+def test_ort_threads_accepts_a_count_or_auto():
+    assert parse_ort_threads("auto") == "auto" and parse_ort_threads("2") == 2 and parse_ort_threads("0") == 0
+    for bad in ("-1", "two", "999"):
+        with pytest.raises(ExportError, match="ort_threads .*'auto'"):
+            parse_ort_threads(bad)
+
+
+@pytest.fixture(scope="module")
+def auto_repository(tiny_run, tiny_dataset, tmp_path_factory):
+    from promptmad.export.pipeline import export_run
+
+    out = tmp_path_factory.mktemp("auto") / "repo"
+    return export_run(tiny_run, out, max_batch=4, data=tiny_dataset, ort_threads=contract.ORT_THREADS_AUTO).repository
+
+
+@pytest.mark.server
+@pytest.mark.timeout(240)
+def test_auto_repository_serves_the_same_answers(auto_repository, fused_repository_for_auto, tiny_dataset):
+    """Two `auto` fused_engine instances under 4 requests in flight answer what the default (1 thread)
+    repository answers; the share's file exists while the server runs and is gone after it stops."""
+    from promptmad.benchmarks.frames import class_ids, load_frames
+
+    cfg = read_config(auto_repository / contract.FUSED_ENGINE.name / "config.pbtxt")
+    assert cfg.parameters[contract.PARAM_ORT_THREADS].string_value == contract.ORT_THREADS_AUTO
+    assert sum(g.count for g in cfg.instance_group) == 2
+    from tests.conftest import TINY_CLASSES
+
+    imgs, names = load_frames(tiny_dataset, 8)
+    ids = class_ids(names, list(TINY_CLASSES))
+
+    def ask(url, img, cid):
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            got = infer(client, contract.MODEL_NAME, [(contract.IMAGE.name, img[None], "UINT8"),
+                                                      (contract.CLASS_ID.name, np.array([[cid]], np.int32), "INT32")])
+            return got.as_numpy(contract.ANOMALY_SCORE.name)
+        finally:
+            client.close()
+
+    with TritonServer(fused_repository_for_auto) as plain:
+        want = [ask(plain.grpc_url, i, c) for i, c in zip(imgs, ids)]
+    with TritonServer(auto_repository) as server:
+        path = Path(first_path(contract.FUSED_ENGINE.name, server.pid))
+        assert path.exists()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda ic: ask(server.grpc_url, *ic), list(zip(imgs, ids)) * 3))
+    for i, g in enumerate(got):
+        np.testing.assert_allclose(g, want[i % len(want)], rtol=1e-4, atol=1e-5)
+    assert not path.exists()
+
+
+@pytest.fixture(scope="module")
+def fused_repository_for_auto(tiny_run, tiny_dataset, tmp_path_factory):
+    from promptmad.export.pipeline import export_run
+
+    out = tmp_path_factory.mktemp("one") / "repo"
+    return export_run(tiny_run, out, max_batch=4, data=tiny_dataset).repository
