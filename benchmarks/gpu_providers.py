@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from promptmad import contract
 from promptmad.export.manifest import seal_manifest
 from promptmad.export.repository import templates_dir
 
@@ -24,12 +23,15 @@ _BLOCK = re.compile(r'\nparameters\s*\{\s*key:\s*"' + PARAM + r'"\s*value\s*\{[^
 
 
 def set_providers(repo: Path, providers: str) -> list[Path]:
-    """Writes the parameter into every engine step's config (replacing an earlier one); returns the configs."""
+    """Writes the parameter into every engine step's config (replacing an earlier one), in either layout
+    (the three steps, or the fused python-ort default's one); returns the configs."""
+    from promptmad.benchmarks.onnx_chain import engine_steps
+
     repo = Path(repo)
     if not providers or any(not p.endswith("ExecutionProvider") for p in providers.split(",")):
         raise SystemExit(f"providers {providers!r}: give ONNX Runtime names, e.g. CUDAExecutionProvider,CPUExecutionProvider")
     configs = []
-    for step in contract.ENGINE_STEPS:
+    for step in (s.name for s in engine_steps(repo)):
         cfg = repo / step / "config.pbtxt"
         if not (repo / step / "1" / "model.onnx").is_file():
             raise SystemExit(f"{repo}: {step} has no 1/model.onnx; only a python-ort repository runs ONNX Runtime in its steps")

@@ -160,13 +160,16 @@ def _roofline_lines(summary: dict) -> list[str]:
     if not rl:
         return []
     m, c = summary.get("machine", {}), rl["ceiling"]
+    auto = rl.get("c1_level") == "machine"
     lines = ["", "## Roofline", "",
              f"Machine: {m.get('cpu', '?')}, instruction sets: {m.get('isa', 'unknown')}, {rl['cores']} cores "
              f"(onnxruntime {m.get('onnxruntime', '?')}).",
              f"FLOPs: {rl['convention']}; {rl['total_gflop_per_frame']:.3f} GFLOP per frame at {rl['image_size']}x{rl['image_size']}.",
-             f"Ceiling: the fastest of these kernels through ONNX Runtime's CPU EP, measured in this run with the served steps' "
-             f"{c['threads']} intra-op thread(s) per session: `step` = one session, `machine` = {c['copies']} sessions at once "
-             f"(the cores); about {c['seconds_per_kernel']:g} s each.", "",
+             f"Ceiling: the fastest of these kernels through ONNX Runtime's CPU EP, measured in this run with "
+             + (f"{c['threads']} intra-op thread per session (the served steps' `auto` threads: one core each when busy "
+                "together, every core alone)" if auto else f"the served steps' {c['threads']} intra-op thread(s) per session")
+             + f": `step` = one session, `machine` = {c['copies']} sessions at once (the cores); about "
+             f"{c['seconds_per_kernel']:g} s each.", "",
              "| kernel | precision | shape | threads x sessions | GFLOP/s |", "|---|---|---|---|---:|"]
     for k in c["kernels"]:
         if k["level"] == "machine" and k["copies"] == 1:
@@ -177,7 +180,9 @@ def _roofline_lines(summary: dict) -> list[str]:
         f"{p} step {_f(v['step'])} GFLOP/s, machine {_f(v['machine'])} GFLOP/s" for p, v in c["ceiling_gflops_per_s"].items()))
     lines += ["", "Steps: FLOPs over the server's compute time per frame during the ensemble sweep (Triton statistics), against "
                   "the one-session ceiling; 'alone c=1': the step alone at concurrency 1 (perf_analyzer). End to end: all steps' "
-                  "FLOPs x the ensemble's FPS, best concurrency against the machine ceiling, c=1 against the one-session ceiling.", "",
+                  "FLOPs x the ensemble's FPS, best concurrency against the machine ceiling, c=1 against the "
+                  + ("machine ceiling (`auto`: a frame alone, and a step alone at c=1, computes on every core)." if auto
+                     else "one-session ceiling."), "",
               "| frames | step | precision | GFLOP/frame | elementwise Mop/frame | frames/s | GFLOP/s achieved | ceiling GFLOP/s | share "
               "| alone c=1 GFLOP/s (share) |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]

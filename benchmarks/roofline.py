@@ -85,6 +85,7 @@ def build_roofline(summary: dict, repo: Path | str, *, seconds: float = 2.0, gem
     sizes = {size: size_rows(flops, ceiling, r, c1_level="machine" if auto else "step")
              for size, r in summary.get("results", {}).items()}
     return {"convention": CONVENTION, "image_size": image_size, "cores": cores, "served": served,
+            "served_threads": threads, "c1_level": "machine" if auto else "step",
             "flops": {k: v.as_dict() for k, v in flops.items()},
             "total_gflop_per_frame": sum(f.flops for f in flops.values()) / 1e9,
             "ceiling": ceiling.as_dict(), "sizes": sizes,
@@ -115,11 +116,11 @@ def size_rows(flops: dict[str, StepFlops], ceiling: Ceiling, res: dict, c1_level
     breakdown, alone = res.get("step_breakdown", {}), res.get("composing_c1", {})
     for step, f in flops.items():
         ms = breakdown.get(step, {}).get("compute_ms_per_frame", NAN)
-        top = ceiling.best(_precision(f), "step")
+        top, top_alone = ceiling.best(_precision(f), "step"), ceiling.best(_precision(f), c1_level)
         alone_fps = (alone.get(step) or {}).get("Inferences/Second", NAN)
         rows.append(_row(step, f.gflops, 1000 / ms if ms and ms > 0 else NAN, top, level="step", ms_per_frame=ms,
                          precision=_precision(f), elementwise_mop_per_frame=f.elementwise_ops / 1e6,
-                         alone_c1_gflops_per_s=f.gflops * alone_fps, alone_c1_share=f.gflops * alone_fps / top))
+                         alone_c1_gflops_per_s=f.gflops * alone_fps, alone_c1_share=f.gflops * alone_fps / top_alone))
     total = sum(f.flops for f in flops.values()) / 1e9
     precision = "+".join(sorted({_precision(f) for f in flops.values()}))
     elementwise = sum(f.elementwise_ops for f in flops.values()) / 1e6

@@ -228,7 +228,8 @@ def format_markdown(summary: dict) -> str:
                      f"{s['c1']['p50_ms']:.0f} / {s['c1']['p95_ms']:.0f} | {s['best']['fps']:.1f} ({'/'.join(map(str, s['best_concurrency']))}) | "
                      f"{s['best']['p50_ms']:.0f} / {s['best']['p95_ms']:.0f} | {r['c1']:.2f}x | {r['best']:.2f}x |")
     fastest = max(summary["variants"], key=lambda v: summary["results"][v["name"]]["best"]["fps"])["name"]
-    lines += ["", f"Fastest at the best concurrency: **{fastest}**. Every variant serves the same ensembles "
+    alone = max(summary["variants"], key=lambda v: summary["results"][v["name"]]["c1"]["fps"])["name"]
+    lines += ["", f"Fastest at the best concurrency: **{fastest}**; at concurrency 1: **{alone}**. Every variant serves the same ensembles "
               f"({contract.MODEL_NAME}, {contract.ENCODED_MODEL_NAME}) with the same inputs, outputs and class bank."]
     return "\n".join(lines) + "\n"
 

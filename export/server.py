@@ -33,7 +33,7 @@ from promptmad import contract
 from promptmad.errors import ServeError
 from promptmad.export.pycache_block import block_bytecode
 from promptmad.export.snapshot import make_workdir, snapshot_repository
-from promptmad.export.stale_shm import free_stale_regions
+from promptmad.export.stale_shm import free_stale_regions, remove_thread_share_files
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,7 @@ class TritonServer:
             if port_in_use(self.host, port):
                 raise ServeError(f"{name} port {self.host}:{port} is already in use; stop the other server or pass --{name}-port")
         free_stale_regions()  # what servers killed with -9 left in /dev/shm
+        free_stale_regions(prefix=contract.THREAD_SHARE_PREFIX)
         try:
             self._prepare()
         except BaseException:
@@ -315,6 +316,7 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            remove_thread_share_files(proc.pid)
         self._release()
 
     def _release(self) -> None:
@@ -336,6 +338,7 @@ class TritonServer:
             except ProcessLookupError:
                 pass
             proc.wait()
+            remove_thread_share_files(proc.pid)
         self._release()
 
     def restart(self, grace_s: float = 20.0) -> "TritonServer":

@@ -106,3 +106,16 @@ def free_stale_regions(shm_dir: Path = SHM_DIR, prefix: str = PYTHON_BACKEND_SHM
         log.warning("freed %d stale shared-memory region(s) of crashed Triton servers (%.1f MiB): %s",
                     len(freed), sum(s for _, s in freed) / 2**20, ", ".join(n for n, _ in freed))
     return freed
+
+
+def remove_thread_share_files(server_pid: int, shm_dir: Path = SHM_DIR) -> None:
+    """The `auto` threads' lock files of a server that has stopped (model_repository/onnx_runner.py: its last
+    instance removes the file when it finalizes, which a killed server's stubs do not)."""
+    from promptmad import contract
+
+    for path in Path(shm_dir).glob(f"{contract.THREAD_SHARE_PREFIX}{int(server_pid)}-*"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+

@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 
 AUTO = "auto"  # contract.ORT_THREADS_AUTO (this file runs in the stub, without promptmad installed)
+SHARE_PREFIX = "promptmad-threads-"  # contract.THREAD_SHARE_PREFIX
 
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -41,7 +42,7 @@ class ThreadShare:
 
     def __init__(self, model_name):
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        self.path = os.path.join(folder, f"promptmad-threads-{os.getppid()}-{model_name}")
+        self.path = os.path.join(folder, f"{SHARE_PREFIX}{os.getppid()}-{model_name}")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self.slot = next((i for i in range(self.MAX_SLOTS) if self._try(fcntl.LOCK_EX, self.MAX_SLOTS + i)), None)
         if self.slot is None:
@@ -119,7 +120,9 @@ class TritonPythonModel:
         providers = params.get("providers", "CPUExecutionProvider").split(",")
         spinning = params.get("allow_spinning", "1")
         self.share = None
-        if threads == AUTO:
+        if threads == AUTO and providers[0] != "CPUExecutionProvider":
+            counts = [0]  # a GPU provider computes on the device: one session, ONNX Runtime's default CPU threads
+        elif threads == AUTO:
             instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
             self.share = ThreadShare(self.name) if instances > 1 else None
             counts = thread_counts(server_cores(), instances)

@@ -203,13 +203,19 @@ def test_runner_refuses_a_provider_it_does_not_get(tiny_repository, tmp_path):
     from promptmad.errors import ServeError
     from promptmad.export.server import TritonServer
 
+    from promptmad.export.fused import fuse_repository
+
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider: nothing to refuse")
-    repo = tmp_path / "repo"
+    repo, fused = tmp_path / "repo", tmp_path / "fused"
     shutil.copytree(tiny_repository, repo)
-    set_providers(repo, "CUDAExecutionProvider,CPUExecutionProvider")
-    with pytest.raises(ServeError) as err:
-        with TritonServer(repo):
-            pass
-    for step in contract.ENGINE_STEPS:
-        assert f"{step}: providers CUDAExecutionProvider asked for" in str(err.value)
+    shutil.copytree(tiny_repository, fused)
+    fuse_repository(fused)  # the python-ort default layout, which benchmarks/gpu/served.sh exports
+    for path, steps in ((repo, contract.ENGINE_STEPS), (fused, (contract.FUSED_ENGINE.name,))):
+        configs = set_providers(path, "CUDAExecutionProvider,CPUExecutionProvider")
+        assert sorted(c.parent.name for c in configs) == sorted(steps)
+        with pytest.raises(ServeError) as err:
+            with TritonServer(path):
+                pass
+        for step in steps:
+            assert f"{step}: providers CUDAExecutionProvider asked for" in str(err.value)

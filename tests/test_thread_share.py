@@ -39,7 +39,7 @@ def _runner():
 
 def test_thread_counts_go_from_every_core_to_a_share_each():
     runner = _runner()
-    assert runner.AUTO == contract.ORT_THREADS_AUTO
+    assert runner.AUTO == contract.ORT_THREADS_AUTO and runner.SHARE_PREFIX == contract.THREAD_SHARE_PREFIX
     assert runner.thread_counts(2, 2) == [2, 1]
     assert runner.thread_counts(16, 2) == [16, 8]
     assert runner.thread_counts(16, 3) == [16, 8, 5]
@@ -165,6 +165,22 @@ def test_auto_repository_serves_the_same_answers(auto_repository, fused_reposito
             got = list(pool.map(lambda ic: ask(server.grpc_url, *ic), list(zip(imgs, ids)) * 3))
     for i, g in enumerate(got):
         np.testing.assert_allclose(g, want[i % len(want)], rtol=1e-4, atol=1e-5)
+    assert not path.exists()
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+def test_no_share_file_outlives_its_server(auto_repository):
+    """A killed server's stubs never finalize: TritonServer removes its share file, and a server starting
+    removes the files no live process holds (a server killed by someone else)."""
+    stale = Path(first_path(contract.FUSED_ENGINE.name, 2**22 + 12345))  # above pid_max's default: no such server
+    stale.touch()
+    server = TritonServer(auto_repository).start()
+    try:
+        path = Path(first_path(contract.FUSED_ENGINE.name, server.pid))
+        assert path.exists() and not stale.exists()
+    finally:
+        server.kill()
     assert not path.exists()
 
 
