@@ -81,9 +81,27 @@ class ThreadShare:
         os.close(self.fd)
 
 
+def cgroup_cpu_limit(root="/sys/fs/cgroup"):
+    """CPUs the container's CFS quota allows (Kubernetes `resources.limits.cpu`), rounded up; None without one.
+    The affinity does not show a quota: a pod limited to 4 CPUs on a 64-core node sees 64 cores."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            text = open(os.path.join(root, quota_file)).read().split()
+            quota, period = (text[0], text[1]) if period_file is None else (text[0], open(os.path.join(root, period_file)).read().strip())
+            if quota in ("max", "-1"):
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def server_cores():
-    """The cores this server may run on (its CPU affinity, which a container's cpuset narrows)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this server may compute on: its CPU affinity (which a container's cpuset narrows), at most
+    its cgroup's CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 def thread_counts(cores, instances):

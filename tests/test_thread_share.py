@@ -50,6 +50,24 @@ def test_thread_counts_go_from_every_core_to_a_share_each():
     assert [model._pick(b) for b in (0, 1, 2, 5)] == ["s16", "s8", "s5", "s5"]
 
 
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "400000 100000\n"}, 4),                      # cgroup v2, limits.cpu: 4
+    ({"cpu.max": "150000 100000\n"}, 2),                      # 1.5 CPUs: rounded up
+    ({"cpu.max": "max 100000\n"}, None),                      # no quota
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_a_cpu_quota_caps_the_cores(tmp_path, files, limit):
+    """A pod limited to 4 CPUs on a 64-core node sees 64 cores in its affinity: `auto` reads the quota."""
+    runner = _runner()
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert runner.cgroup_cpu_limit(str(tmp_path)) == limit
+    assert 1 <= runner.server_cores() <= len(os.sched_getaffinity(0))
+
+
 def _instance(name, started, release, results):
     share = _runner().ThreadShare(name)
     results.put(("slot", share.slot))
