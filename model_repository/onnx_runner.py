@@ -17,7 +17,9 @@ benchmarks/README.md, "Variants").
 import fcntl
 import json
 import os
+import struct
 import tempfile
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -36,14 +38,23 @@ class ThreadShare:
     file named by the server's pid and the model. Each instance owns a slot (an exclusive lock on byte
     `MAX_SLOTS + slot`, held for its life, released by the kernel if it dies) and locks byte `slot` while it
     computes; the others probe that byte without waiting. An instance takes its busy lock before probing, so
-    of two instances starting together at least one sees the other."""
+    of two instances starting together at least one sees the other.
+
+    Under steady load an instance sometimes starts in the few ms its peer spends between two frames; taking
+    every core then would crowd the peer's next frame for the whole run. So an instance that saw peers
+    computing writes (when, how many) into the file, and for `recent_s` after that the others count that many
+    even when they find them idle for a moment. Frames that never overlap (one camera waiting for each verdict)
+    never write it."""
 
     MAX_SLOTS = 32  # instances of one model, old and new ones together while it reloads
+    RECENT = struct.Struct("dd")  # (time.monotonic() of the last overlap, peers computing then), at RECENT_AT
+    RECENT_AT = 4096
 
-    def __init__(self, model_name):
+    def __init__(self, model_name, recent_s=0.5):
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self.path = os.path.join(folder, f"{SHARE_PREFIX}{os.getppid()}-{model_name}")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.recent_s = recent_s
         self.slot = next((i for i in range(self.MAX_SLOTS) if self._try(fcntl.LOCK_EX, self.MAX_SLOTS + i)), None)
         if self.slot is None:
             raise RuntimeError(f"{model_name}: more than {self.MAX_SLOTS} instances share {self.path}")
@@ -63,9 +74,16 @@ class ThreadShare:
         return True
 
     def begin(self):
-        """Mark this instance busy; returns how many other instances are computing."""
+        """Mark this instance busy; returns how many other instances compute now, or did in the last `recent_s`."""
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.slot)
-        return sum(self._held(i) for i in range(self.MAX_SLOTS) if i != self.slot and self._held(self.MAX_SLOTS + i))
+        busy = sum(self._held(i) for i in range(self.MAX_SLOTS) if i != self.slot and self._held(self.MAX_SLOTS + i))
+        now = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+        if busy:
+            os.pwrite(self.fd, self.RECENT.pack(now, busy), self.RECENT_AT)
+            return busy
+        raw = os.pread(self.fd, self.RECENT.size, self.RECENT_AT)
+        when, peers = self.RECENT.unpack(raw) if len(raw) == self.RECENT.size else (0.0, 0.0)
+        return int(peers) if 0 <= now - when < self.recent_s else 0
 
     def end(self):
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.slot)

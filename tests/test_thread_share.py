@@ -68,8 +68,8 @@ def test_a_cpu_quota_caps_the_cores(tmp_path, files, limit):
     assert 1 <= runner.server_cores() <= len(os.sched_getaffinity(0))
 
 
-def _instance(name, started, release, results):
-    share = _runner().ThreadShare(name)
+def _instance(name, started, release, results, recent_s=0.5):
+    share = _runner().ThreadShare(name, recent_s=recent_s)
     results.put(("slot", share.slot))
     started.wait()
     results.put(("busy", share.begin()))
@@ -105,6 +105,47 @@ def test_instances_see_each_other_computing(tmp_path):
         assert not Path(first_path(name, os.getpid())).exists()  # the last to close removed it
     finally:
         release.set()
+        for p in multiprocessing.active_children():
+            p.kill()
+
+
+def _alone(name, recent_s, results):
+    """One instance's begin() with nobody computing."""
+    ctx = multiprocessing.get_context("fork")
+    go, done = ctx.Event(), ctx.Event()
+    go.set()
+    done.set()
+    child = ctx.Process(target=_instance, args=(name, go, done, results, recent_s))
+    child.start()
+    assert results.get(timeout=30)[0] == "slot"
+    got = results.get(timeout=30)
+    child.join(30)
+    return got
+
+
+def test_an_overlap_counts_for_a_while():
+    """After two instances computed together, one finding the other idle for a moment still counts it for
+    `recent_s` (steady load: the peer is between two frames); frames that never overlapped count nobody."""
+    ctx = multiprocessing.get_context("fork")
+    name = f"test-recent-{os.getpid()}"
+    results = ctx.Queue()
+    assert _alone(name, 60.0, results) == ("busy", 0)  # no overlap yet
+    keep = ctx.Process(target=_instance, args=(name, ctx.Event(), ctx.Event(), results))  # holds the file open
+    keep.start()
+    try:
+        assert results.get(timeout=30) == ("slot", 0)
+        a_go, a_release = ctx.Event(), ctx.Event()
+        a = ctx.Process(target=_instance, args=(name, a_go, a_release, results))
+        a.start()
+        assert results.get(timeout=30) == ("slot", 1)
+        a_go.set()
+        assert results.get(timeout=30) == ("busy", 0)
+        assert _alone(name, 60.0, results) == ("busy", 1)  # computes beside `a`: writes the overlap
+        a_release.set()
+        a.join(30)
+        assert _alone(name, 60.0, results) == ("busy", 1)  # nobody computes, the overlap is recent
+        assert _alone(name, 0.0, results) == ("busy", 0)   # ... but not within a window of 0 s
+    finally:
         for p in multiprocessing.active_children():
             p.kill()
 
