@@ -78,66 +78,72 @@ def _instance(name, started, release, results, recent_s=0.5):
     share.close()
 
 
-def test_instances_see_each_other_computing(tmp_path):
-    """Two processes of one model (children of one parent, as a server's stubs are): the second to begin
-    sees the first computing; after the first ends, an instance sees nobody; the last one removes the file."""
-    name = f"test-{os.getpid()}"
-    ctx = multiprocessing.get_context("fork")
-    started, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
-    first = ctx.Process(target=_instance, args=(name, started, release, results))
-    first.start()
-    try:
-        assert results.get(timeout=30) == ("slot", 0)
-        # a second child: same parent, same file
-        second_started, second_release = ctx.Event(), ctx.Event()
-        second = ctx.Process(target=_instance, args=(name, second_started, second_release, results))
-        second.start()
-        assert results.get(timeout=30) == ("slot", 1)
-        started.set()
-        assert results.get(timeout=30) == ("busy", 0)  # the first computes alone
-        second_started.set()
-        assert results.get(timeout=30) == ("busy", 1)  # the second sees the first
-        release.set()
-        first.join(30)
-        second_release.set()
-        second.join(30)
-        assert first.exitcode == 0 and second.exitcode == 0
-        assert not Path(first_path(name, os.getpid())).exists()  # the last to close removed it
-    finally:
-        release.set()
-        for p in multiprocessing.active_children():
-            p.kill()
+CTX = multiprocessing.get_context("fork")  # children of this process share its pid as their parent's, like stubs
+
+
+def _child(name, results, recent_s=0.5):
+    """An instance in its own process, once it owns its slot: (process, go, release, slot). `go` makes it
+    begin() and report the busy count, `release` makes it end() and close()."""
+    go, release = CTX.Event(), CTX.Event()
+    process = CTX.Process(target=_instance, args=(name, go, release, results, recent_s))
+    process.start()
+    kind, slot = results.get(timeout=30)
+    assert kind == "slot"
+    return process, go, release, slot
 
 
 def _alone(name, recent_s, results):
     """One instance's begin() with nobody computing."""
-    ctx = multiprocessing.get_context("fork")
-    go, done = ctx.Event(), ctx.Event()
+    process, go, release, _ = _child(name, results, recent_s)
     go.set()
-    done.set()
-    child = ctx.Process(target=_instance, args=(name, go, done, results, recent_s))
-    child.start()
-    assert results.get(timeout=30)[0] == "slot"
     got = results.get(timeout=30)
-    child.join(30)
+    release.set()
+    process.join(30)
     return got
+
+
+def test_instances_see_each_other_computing():
+    """Two processes of one model (children of one parent, as a server's stubs are): the second to begin
+    sees the first computing; the last one to close removes the file."""
+    name, results = f"test-{os.getpid()}", CTX.Queue()
+    try:
+        first, first_go, first_release, first_slot = _child(name, results)
+        second, second_go, second_release, second_slot = _child(name, results)
+        assert (first_slot, second_slot) == (0, 1)
+        first_go.set()
+        assert results.get(timeout=30) == ("busy", 0)  # the first computes alone
+        second_go.set()
+        assert results.get(timeout=30) == ("busy", 1)  # the second sees the first
+        for process, release in ((first, first_release), (second, second_release)):
+            release.set()
+            process.join(30)
+            assert process.exitcode == 0
+        assert not Path(first_path(name, os.getpid())).exists()  # the last to close removed it
+    finally:
+        for p in multiprocessing.active_children():
+            p.kill()
+
+
+def test_the_busy_count_comes_back_to_zero():
+    """An instance that ended leaves no busy mark, and its slot is taken again by the next one."""
+    name, results = f"test-again-{os.getpid()}", CTX.Queue()
+    assert _alone(name, 0.5, results) == ("busy", 0)
+    process, go, release, slot = _child(name, results)
+    assert slot == 0  # the first's slot was freed
+    go.set()
+    assert results.get(timeout=30) == ("busy", 0)
+    release.set()
+    process.join(30)
 
 
 def test_an_overlap_counts_for_a_while():
     """After two instances computed together, one finding the other idle for a moment still counts it for
     `recent_s` (steady load: the peer is between two frames); frames that never overlapped count nobody."""
-    ctx = multiprocessing.get_context("fork")
-    name = f"test-recent-{os.getpid()}"
-    results = ctx.Queue()
+    name, results = f"test-recent-{os.getpid()}", CTX.Queue()
     assert _alone(name, 60.0, results) == ("busy", 0)  # no overlap yet
-    keep = ctx.Process(target=_instance, args=(name, ctx.Event(), ctx.Event(), results))  # holds the file open
-    keep.start()
     try:
-        assert results.get(timeout=30) == ("slot", 0)
-        a_go, a_release = ctx.Event(), ctx.Event()
-        a = ctx.Process(target=_instance, args=(name, a_go, a_release, results))
-        a.start()
-        assert results.get(timeout=30) == ("slot", 1)
+        _child(name, results)  # holds the file open: the overlap written below outlives the others
+        a, a_go, a_release, _ = _child(name, results)
         a_go.set()
         assert results.get(timeout=30) == ("busy", 0)
         assert _alone(name, 60.0, results) == ("busy", 1)  # computes beside `a`: writes the overlap
@@ -153,27 +159,6 @@ def test_an_overlap_counts_for_a_while():
 def first_path(name, parent_pid):
     folder = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
     return os.path.join(folder, f"promptmad-threads-{parent_pid}-{name}")
-
-
-def test_the_busy_count_comes_back_to_zero():
-    """begin/end in one child, then again: a finished run leaves no busy mark behind."""
-    ctx = multiprocessing.get_context("fork")
-    name = f"test-again-{os.getpid()}"
-    a_started, a_release, b_started, b_release, results = (ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue())
-    a = ctx.Process(target=_instance, args=(name, a_started, a_release, results))
-    a.start()
-    assert results.get(timeout=30)[0] == "slot"
-    a_started.set()
-    assert results.get(timeout=30) == ("busy", 0)
-    a_release.set()
-    a.join(30)
-    b = ctx.Process(target=_instance, args=(name, b_started, b_release, results))
-    b.start()
-    assert results.get(timeout=30) == ("slot", 0)  # the first's slot was freed
-    b_started.set()
-    assert results.get(timeout=30) == ("busy", 0)
-    b_release.set()
-    b.join(30)
 
 
 def test_ort_threads_accepts_a_count_or_auto():
