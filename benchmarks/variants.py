@@ -75,7 +75,7 @@ PRESETS = {v.name: v for v in (
     Variant("engines-1", engine_instances=1),  # step layout, batching: the instance counts of steps-batching changed
     Variant("engines-2", engine_instances=2),
 )}
-DEFAULT_VARIANTS = ("default", "fused-batching", "steps", "steps-batching", "engines-2")
+DEFAULT_VARIANTS = ("default", "fused-1thread", "fused-batching", "steps", "steps-batching", "engines-2")
 
 
 def preset(name: str) -> Variant:

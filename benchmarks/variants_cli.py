@@ -42,7 +42,8 @@ def register(subparsers) -> None:
         "bench-variants", help="serving-layout variants of one repository (batching, instances, fused step), side by side",
         description=textwrap.fill(
             "Build variants of one python-ort repository exported with --layout steps (same weights): the export's "
-            "default (the three engine graphs fused into one step, no dynamic batching), the fused step with batching, "
+            "default (the three engine graphs fused into one step, no dynamic batching, auto threads), the same with one "
+            "thread per instance, the fused step with batching, "
             "the step layout with and without batching, other instance counts of the engine steps; serve "
             "them all and measure them in alternation with perf_analyzer on real frames, as `promptmad bench` does.",
             width=100),
