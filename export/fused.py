@@ -31,14 +31,14 @@ from promptmad import contract
 from promptmad.errors import ExportError
 
 FUSED = contract.FUSED_ENGINE
-# Instances of the fused step: one ONNX Runtime thread each (the export's --ort-threads default), two
-# keep both cores of the 2-core machines of benchmarks/README.md busy, as the step layout's two
-# segmentor instances do. `fuse_repository(instances=...)` and `promptmad bench-variants` change it.
+# Instances of the fused step: two keep both cores of the 2-core machines of benchmarks/README.md busy when
+# frames are in flight together, as the step layout's two segmentor instances do. `fuse_repository(instances=...)`
+# and `promptmad bench-variants` change it.
 FUSED_INSTANCES = 2
 # ONNX Runtime threads of each fused instance: every core for a frame computed alone, the cores split among
-# the instances computing together (model_repository/onnx_runner.py). On the 2-core AMD EPYC of
-# benchmarks/README.md ("Variants"): 1.51x the frames/s of one thread each at concurrency 1, 0.98x at the best
-# concurrency; on a bigger server the instances use every core instead of one each.
+# the instances computing together (model_repository/onnx_runner.py). On the 2-core AMD EPYC Zen 5 of
+# benchmarks/README.md ("`auto` threads"): 1.5x the frames/s of one thread each at concurrency 1, 0.96-1.0x at the
+# best concurrency; on a bigger server the instances use every core instead of one each.
 FUSED_THREADS = contract.ORT_THREADS_AUTO
 GUARD_PREFIX = f"{FUSED.name}/finite_guard/"
 _CONTRACT_TENSORS = {t.name: t for s in contract.FUSED_FROM for t in (*s.inputs, *s.outputs)}
