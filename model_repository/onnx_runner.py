@@ -11,7 +11,7 @@ Threads `auto` (contract.ORT_THREADS_AUTO): an instance computing alone uses eve
 instances computing at the same time split them (each instance keeps one session per thread count it may
 need). On 2 cores, one camera's frame runs on both (1.5x faster than on one), and two frames in flight run
 on one core each, where a session of 2 threads per instance would oversubscribe the cores (measured in
-benchmarks/README.md, "Variants").
+benchmarks/README.md, "`auto` threads").
 """
 
 import fcntl
