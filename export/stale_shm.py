@@ -113,7 +113,7 @@ def remove_thread_share_files(server_pid: int, shm_dir: Path = SHM_DIR) -> None:
     instance removes the file when it finalizes, which a killed server's stubs do not)."""
     from promptmad import contract
 
-    for path in Path(shm_dir).glob(f"{contract.THREAD_SHARE_PREFIX}{int(server_pid)}-*"):
+    for path in Path(shm_dir).glob(f"{contract.THREAD_SHARE_PREFIX}{os.getuid()}-{int(server_pid)}-*"):
         try:
             path.unlink()
         except OSError:

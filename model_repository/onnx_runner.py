@@ -35,7 +35,7 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 class ThreadShare:
     """Which instances of one model in one server are computing now: one byte-range lock per instance in a
-    file named by the server's pid and the model. Each instance owns a slot (an exclusive lock on byte
+    file named by the user, the server's pid and the model. Each instance owns a slot (an exclusive lock on byte
     `MAX_SLOTS + slot`, held for its life, released by the kernel if it dies) and locks byte `slot` while it
     computes; the others probe that byte without waiting. An instance takes its busy lock before probing, so
     of two instances starting together at least one sees the other.
@@ -52,7 +52,8 @@ class ThreadShare:
 
     def __init__(self, model_name, recent_s=0.5):
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        self.path = os.path.join(folder, f"{SHARE_PREFIX}{os.getppid()}-{model_name}")
+        # the user in the name: two users' servers in containers sharing /dev/shm can have the same pid
+        self.path = os.path.join(folder, f"{SHARE_PREFIX}{os.getuid()}-{os.getppid()}-{model_name}")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self.recent_s = recent_s
         self.slot = next((i for i in range(self.MAX_SLOTS) if self._try(fcntl.LOCK_EX, self.MAX_SLOTS + i)), None)
@@ -160,8 +161,12 @@ class TritonPythonModel:
             counts = [0]  # a GPU provider computes on the device: one session, ONNX Runtime's default CPU threads
         elif threads == AUTO:
             instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-            self.share = ThreadShare(self.name) if instances > 1 else None
             counts = thread_counts(server_cores(), instances)
+            try:
+                self.share = ThreadShare(self.name) if instances > 1 else None
+            except OSError as exc:  # no shared file (e.g. a read-only /dev/shm): never more than a fair share
+                pb_utils.Logger.log_warn(f"{self.name}: auto threads without a share ({exc}); {counts[-1]} thread(s) each")
+                counts = counts[-1:]
         else:
             counts = [int(threads)]
         # largest first: the session for `k` busy instances is the first whose count fits cores // (k + 1)

@@ -202,7 +202,7 @@ PARAM_ENCODED_FORMATS = "encoded_formats"  # preprocess: JSON list, ENCODED_FORM
 PARAM_ORT_THREADS = "intra_op_threads"  # intra-op threads per instance, or ORT_THREADS_AUTO
 # every core for an instance computing alone, the cores split among the instances computing together
 ORT_THREADS_AUTO = "auto"
-# /dev/shm/<prefix><server pid>-<model>: the file whose byte-range locks tell `auto` instances which of them compute
+# /dev/shm/<prefix><uid>-<server pid>-<model>: the file whose byte-range locks tell `auto` instances which compute
 THREAD_SHARE_PREFIX = "promptmad-threads-"
 PARAM_ORT_SPINNING = "allow_spinning"  # "1" (ONNX Runtime's default): its pool spins between ops; "0": it sleeps
 

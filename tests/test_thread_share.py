@@ -11,6 +11,7 @@ import importlib.util
 import multiprocessing
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_instances_see_each_other_computing():
             release.set()
             process.join(30)
             assert process.exitcode == 0
-        assert not Path(first_path(name, os.getpid())).exists()  # the last to close removed it
+        assert not Path(share_path(name, os.getpid())).exists()  # the last to close removed it
     finally:
         for p in multiprocessing.active_children():
             p.kill()
@@ -156,9 +157,10 @@ def test_an_overlap_counts_for_a_while():
             p.kill()
 
 
-def first_path(name, parent_pid):
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
-    return os.path.join(folder, f"promptmad-threads-{parent_pid}-{name}")
+def share_path(name, parent_pid):
+    """Where the runner keeps the share of model `name` served by the server `parent_pid`."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(folder, f"{contract.THREAD_SHARE_PREFIX}{os.getuid()}-{parent_pid}-{name}")
 
 
 def test_ort_threads_accepts_a_count_or_auto():
@@ -203,7 +205,7 @@ def test_auto_repository_serves_the_same_answers(auto_repository, fused_reposito
     with TritonServer(fused_repository_for_auto) as plain:
         want = [ask(plain.grpc_url, i, c) for i, c in zip(imgs, ids)]
     with TritonServer(auto_repository) as server:
-        path = Path(first_path(contract.FUSED_ENGINE.name, server.pid))
+        path = Path(share_path(contract.FUSED_ENGINE.name, server.pid))
         assert path.exists()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda ic: ask(server.grpc_url, *ic), list(zip(imgs, ids)) * 3))
@@ -217,11 +219,11 @@ def test_auto_repository_serves_the_same_answers(auto_repository, fused_reposito
 def test_no_share_file_outlives_its_server(auto_repository):
     """A killed server's stubs never finalize: TritonServer removes its share file, and a server starting
     removes the files no live process holds (a server killed by someone else)."""
-    stale = Path(first_path(contract.FUSED_ENGINE.name, 2**22 + 12345))  # above pid_max's default: no such server
+    stale = Path(share_path(contract.FUSED_ENGINE.name, 2**22 + 12345))  # above pid_max's default: no such server
     stale.touch()
     server = TritonServer(auto_repository).start()
     try:
-        path = Path(first_path(contract.FUSED_ENGINE.name, server.pid))
+        path = Path(share_path(contract.FUSED_ENGINE.name, server.pid))
         assert path.exists() and not stale.exists()
     finally:
         server.kill()
