@@ -54,6 +54,18 @@ def test_graphs_are_static_and_tensorrt_compatible(exported):
     assert tensorrt_op_table()["source"].startswith("onnx/onnx-tensorrt")
 
 
+def test_segmentor_graph_avoids_onnx_runtime_slow_forms(exported):
+    """No ArgMin over the [patches, bank] matrix (a scalar loop in ONNX Runtime: blocked_argmin's ReduceMin
+    touches it instead) and no spatial conv with one output channel (NCHWc pads it to 16)."""
+    seg = onnx.load(str(exported[2][contract.SEGMENTOR.name]))
+    ops = [n.op_type for n in seg.graph.node]
+    assert "ReduceMin" in ops and ops.count("ArgMin") == 2
+    weights = {i.name: list(i.dims) for i in seg.graph.initializer}
+    one_out = [n.name for n in seg.graph.node if n.op_type == "Conv" and n.input[1] in weights
+               and weights[n.input[1]][0] == 1 and weights[n.input[1]][2:] != [1, 1]]
+    assert one_out == []
+
+
 def test_same_padding_is_traced_as_constants(exported):
     """The backbone's TF-style "same" padding: constant pads (ONNX Runtime fuses them into the Conv), no
     per-frame size arithmetic; and timm's own padding is back once the export is done."""

@@ -188,6 +188,42 @@ def test_distance_near_the_bank_is_exact_not_the_cancelling_matmul_form():
     assert float((got.double() - exact).abs().max()) < 1e-6
 
 
+def test_inference_forms_compute_what_the_textbook_forms_do():
+    """The forms chosen for ONNX Runtime's speed (blocked argmin, projection before resize, row-wise blur,
+    depthwise single-channel conv) give the textbook results: argmin's first index on ties too."""
+    import torch.nn.functional as F
+
+    from promptmad.training.deviation import argmin_block, blocked_argmin
+    from promptmad.training.model import single_channel_conv
+
+    g = torch.Generator().manual_seed(0)
+    for k in (4096, 256, 7):
+        scores = torch.randint(0, 5, (2, 30, k), generator=g).float()  # many ties, across and inside blocks
+        assert torch.equal(blocked_argmin(scores), scores.argmin(-1)), k
+    assert (argmin_block(4096), argmin_block(256), argmin_block(7)) == (64, 16, 1)
+
+    m = tiny_model()
+    f4, f8, f16 = m.encoder(torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8))
+    dev = m.segmentor.deviation
+    grid = f8.shape[-1]
+    pooled = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in (f4, f8, f16)]
+    feats = torch.cat([F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) for f in pooled], 1)
+    textbook = torch.matmul(feats.flatten(2).transpose(1, 2), dev.projection)
+    assert f16.shape[1] > dev.projection.shape[1]  # the tiny arch exercises the projected-first path
+    assert torch.allclose(dev.embed(f4, f8, f16), textbook, atol=1e-5)
+
+    seg = m.segmentor
+    prob = torch.rand(2, 1, 64, 64, generator=g)
+    k, r = seg.smooth_kernel, seg.smooth_kernel.numel() // 2
+    x = F.conv2d(F.pad(prob, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1))
+    assert torch.allclose(seg.smooth(prob), F.conv2d(x, k.view(1, 1, -1, 1)), atol=1e-6)
+
+    conv = torch.nn.Conv2d(8, 1, 3, padding=1)
+    h = torch.randn(2, 8, 20, 20, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(single_channel_conv(h, conv), conv(h), atol=1e-5)
+
+
 class _ScriptedDenoiser(torch.nn.Module):
     """Stands in for the denoiser: returns the clean-mask logit scripted for each step, records its inputs."""
 
