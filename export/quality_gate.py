@@ -126,26 +126,15 @@ def speed_comparison(fp32_repo: str | Path, int8_repo: str | Path, data: str | P
                      concurrency: tuple[int, int, int] = (1, 4, 1), size: int = 256, n_frames: int = 32, rounds: int = 2,
                      request_count: int = 40, write_manifest: bool = True) -> dict:
     """Served FPS of both repositories in one run (perf_analyzer on the ensemble, gRPC, same frames),
-    rounds in ABBA order; returns per concurrency both FPS (mean over rounds) and INT8 / FP32."""
-    from promptmad.benchmarks.frames import class_ids, load_frames
+    rounds in ABBA order (benchmarks/ab.py); returns per concurrency both FPS (mean over rounds) and INT8 / FP32."""
+    from promptmad.benchmarks.ab import served_rounds
     from promptmad.benchmarks.machine import machine_description
-    from promptmad.benchmarks.sweep import sweep_ensemble
-    from promptmad.export.server import TritonServer
 
     fp32_repo, int8_repo = Path(fp32_repo), Path(int8_repo)
-    a, _ = check_pair(fp32_repo, int8_repo)
+    check_pair(fp32_repo, int8_repo)
     out = Path(out)
-    frames, names = load_frames(data, n=n_frames, size=size)
-    ids = class_ids(names, sorted(a["classes"], key=a["classes"].get))
-    order = [("fp32", "int8") if r % 2 == 0 else ("int8", "fp32") for r in range(rounds)]
-    fps: dict[str, dict[int, list[float]]] = {"fp32": {}, "int8": {}}
-    for r, pair in enumerate(order):
-        for label in pair:
-            with TritonServer(fp32_repo if label == "fp32" else int8_repo) as server:
-                sw = sweep_ensemble(server.grpc_url, frames, ids, out, f"{label}_r{r}", concurrency=concurrency,
-                                    request_count=request_count)
-            for row in sw.rows:
-                fps[label].setdefault(int(row["Concurrency"]), []).append(float(row["Inferences/Second"]))
+    fps, order = served_rounds({"fp32": fp32_repo, "int8": int8_repo}, data, out, rounds=rounds, concurrency=concurrency,
+                               size=size, n_frames=n_frames, request_count=request_count)
     table = {c: {"fp32_fps": round(float(np.mean(fps["fp32"][c])), 2), "int8_fps": round(float(np.mean(fps["int8"][c])), 2)}
              for c in sorted(fps["fp32"]) if c in fps["int8"]}
     for row in table.values():

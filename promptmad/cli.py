@@ -23,6 +23,7 @@ _STAGE_MODULES = (
     "promptmad.client.cli",  # score
     "promptmad.benchmarks.cli",  # bench
     "promptmad.benchmarks.variants_cli",  # bench-variants
+    "promptmad.benchmarks.ab_cli",  # bench-ab
 )
 
 log = logging.getLogger(__name__)

@@ -566,3 +566,30 @@ def test_printed_command_lines_run(written_input_data, triton_server, model, shm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = parse_csv(out / f"perf_{model}{'_shm' if shm else ''}.csv")
     assert rows and all(r["Inferences/Second"] > 0 for r in rows)
+
+
+@pytest.mark.server
+@pytest.mark.timeout(300)
+def test_bench_ab_serves_both_repositories_in_abba_rounds(tiny_repository, tiny_dataset, tmp_path):
+    """`promptmad bench-ab`: real servers in turn, A B then B A, one perf_analyzer sweep each; refuses a
+    pair that serves different classes before starting anything."""
+    from promptmad.benchmarks.ab import abba_order, compare, format_ab
+
+    assert abba_order(3) == [("A", "B"), ("B", "A"), ("A", "B")]
+    with pytest.raises(BenchError, match="rounds"):
+        abba_order(0)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"classes": {"not_a_class": 0}}))
+    with pytest.raises(BenchError, match="classes"):
+        compare(tiny_repository, other, tiny_dataset, tmp_path / "refused", rounds=2)
+
+    out = tmp_path / "ab"
+    doc = compare(tiny_repository, tiny_repository, tiny_dataset, out, rounds=2, concurrency=(1, 1, 1), size=64,
+                  n_frames=4, request_count=8)
+    assert doc["order"] == [["A", "B"], ["B", "A"]]
+    row = doc["per_concurrency"]["1"]
+    assert row["a_fps"] > 0 and row["b_fps"] > 0 and len(row["ratio_per_round"]) == 2
+    assert sorted(p.name for p in out.glob("perf_*_r*.csv")) == ["perf_A_r0.csv", "perf_A_r1.csv", "perf_B_r0.csv", "perf_B_r1.csv"]
+    assert json.loads((out / "ab.json").read_text())["best_ratio"] == doc["best_ratio"]
+    assert "B / A" in format_ab(doc)
