@@ -25,7 +25,7 @@ of B / A over the rounds says how far to trust the mean.
 
 
 def register(subparsers) -> None:
-    from promptmad.benchmarks.variants_cli import _range
+    from promptmad.benchmarks.variants_cli import add_sweep_options
 
     p = subparsers.add_parser(
         "bench-ab", help="two repositories served side by side in one run (ABBA rounds): served FPS and B / A",
@@ -38,13 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--b", required=True, help="repository B (the same classes as A)")
     p.add_argument("--data", required=True, help="dataset whose test frames are sent, e.g. data/synth")
     p.add_argument("--out", default="ab_results", help="output folder (default: ab_results)")
-    p.add_argument("--rounds", type=int, default=4, help="pairs of sweeps, A B then B A ... (default: 4)")
-    p.add_argument("--concurrency", type=_range, default=(1, 4, 1), metavar="START:END[:STEP]",
-                   help="requests in flight to sweep (default: 1:4:1)")
-    p.add_argument("--image-size", type=int, default=224, metavar="PX", help="side of the frames sent (default: 224)")
-    p.add_argument("--frames", type=int, default=32, help="distinct test frames cycled through (default: 32)")
-    p.add_argument("--request-count", type=int, default=40,
-                   help="requests per perf_analyzer measurement window (default: 40)")
+    add_sweep_options(p, rounds=4, rounds_help="pairs of sweeps, A B then B A ...", concurrency="1:4:1", image_size=224)
     p.set_defaults(func=_bench_ab)
 
 

@@ -54,14 +54,21 @@ def register(subparsers) -> None:
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(PRESETS), metavar="NAME",
                    help=f"variants, the first is the reference of the ratios (default: {' '.join(DEFAULT_VARIANTS)}; "
                         f"choices: {', '.join(PRESETS)})")
-    p.add_argument("--rounds", type=int, default=2, help="times every variant is swept, alternated (default: 2)")
-    p.add_argument("--concurrency", type=_range, default=(1, 8, 1), metavar="START:END[:STEP]",
-                   help="requests in flight to sweep (default: 1:8:1)")
-    p.add_argument("--image-size", type=int, default=256, metavar="PX", help="side of the frames sent (default: 256)")
+    add_sweep_options(p, rounds=2, rounds_help="times every variant is swept, alternated", concurrency="1:8:1", image_size=256)
+    p.set_defaults(func=_bench_variants)
+
+
+def add_sweep_options(p, *, rounds: int, rounds_help: str, concurrency: str, image_size: int) -> None:
+    """The options of an alternated served comparison (bench-variants, bench-ab): rounds, the perf_analyzer
+    sweep and the frames sent."""
+    p.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default: {rounds})")
+    p.add_argument("--concurrency", type=_range, default=_range(concurrency), metavar="START:END[:STEP]",
+                   help=f"requests in flight to sweep (default: {concurrency})")
+    p.add_argument("--image-size", type=int, default=image_size, metavar="PX",
+                   help=f"side of the frames sent (default: {image_size})")
     p.add_argument("--frames", type=int, default=32, help="distinct test frames cycled through (default: 32)")
     p.add_argument("--request-count", type=int, default=40,
                    help="requests per perf_analyzer measurement window (default: 40)")
-    p.set_defaults(func=_bench_variants)
 
 
 def _bench_variants(args) -> int:
