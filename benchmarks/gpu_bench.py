@@ -182,10 +182,15 @@ def torch_runner(model, device: str, half: bool):
 
     model = model.to(device)
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    with torch.no_grad():  # per class, once: prompt_bank serves them precomputed (baselines.pytorch_predictor)
+        tokens = model.prompt_tokens()
+
+    def end_to_end(frames, ids):
+        return model.predict(frames, ids, tokens[ids])["anomaly_map"]
 
     def make(scope: str, feeds: dict[str, np.ndarray]):
         if scope == E2E:
-            names, call = (contract.FRAME.name, "class_ids"), lambda *t: model.predict(*t)["anomaly_map"]
+            names, call = (contract.FRAME.name, "class_ids"), end_to_end
         else:
             module = getattr(model, STEP_MODULES[scope])
             names, call = contract.STEPS[scope].input_names, module

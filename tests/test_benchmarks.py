@@ -593,3 +593,26 @@ def test_bench_ab_serves_both_repositories_in_abba_rounds(tiny_repository, tiny_
     assert sorted(p.name for p in out.glob("perf_*_r*.csv")) == ["perf_A_r0.csv", "perf_A_r1.csv", "perf_B_r0.csv", "perf_B_r1.csv"]
     assert json.loads((out / "ab.json").read_text())["best_ratio"] == doc["best_ratio"]
     assert "B / A" in format_ab(doc)
+
+
+def test_pytorch_baseline_encodes_each_class_prompt_once(tiny_run, monkeypatch):
+    """The eager baseline keeps the prompt tokens per class, as prompt_bank serves them: none encoded per frame,
+    and the same map as predict() encoding them itself."""
+    import torch
+
+    from promptmad.benchmarks.baselines import pytorch_predictor
+    from promptmad.training.checkpoint import load_model
+    from promptmad.training.data.datasets import resize_rgb
+    from promptmad.training.model import Reconstructor
+
+    calls = []
+    original = Reconstructor.encode_prompt
+    monkeypatch.setattr(Reconstructor, "encode_prompt", lambda self, f: calls.append(f.shape[0]) or original(self, f))
+    one = pytorch_predictor(tiny_run)
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(3)]
+    maps = [one(f, i) for i, f in enumerate(frames)]
+    assert len(calls) == 1  # every class at once, at load
+    model, info = load_model(tiny_run)
+    with torch.no_grad():
+        want = model.eval().predict(torch.from_numpy(resize_rgb(frames[2], info.arch.image_size))[None], torch.tensor([2]))
+    np.testing.assert_allclose(maps[2][0, 0].numpy(), want["anomaly_map"][0].numpy(), rtol=1e-5, atol=1e-5)

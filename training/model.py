@@ -540,11 +540,13 @@ class PromptMAD(nn.Module):
         return self.normal_bank[class_ids], self.normal_stats[class_ids], self.position_gain[class_ids]
 
     @torch.no_grad()
-    def predict(self, frames: Tensor, class_ids: Tensor) -> dict[str, Tensor]:
+    def predict(self, frames: Tensor, class_ids: Tensor, prompt_tokens: Tensor | None = None) -> dict[str, Tensor]:
         """frames uint8 [B, S, S, 3] (already resized), class_ids int64 [B] ->
-        anomaly_map [B, S, S] in normal standard deviations and anomaly_score [B, 1] (its max)."""
+        anomaly_map [B, S, S] in normal standard deviations and anomaly_score [B, 1] (its max).
+        `prompt_tokens` [B, N, d]: the frames' classes' prompt tokens when the caller keeps them (they depend
+        on the class only; prompt_bank serves them precomputed); default: encoded here from prompt_feat16."""
         f4, f8, f16 = self.encoder(frames)
-        recon, text = self.forward_features(f16, class_ids)
+        recon, text = self.forward_features(f16, class_ids, prompt_tokens)
         amap, score = self.segmentor(f4, f8, f16, recon, text, *self.class_prompts(class_ids))
         return {"anomaly_map": amap, "anomaly_score": score}
 
