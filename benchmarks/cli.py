@@ -1,5 +1,5 @@
-"""``promptmad bench``: perf_analyzer sweeps of the served ensemble, side by side with PyTorch eager and
-in-process ONNX Runtime on the same frames and machine, plus plots."""
+"""``promptmad bench``: perf_analyzer sweeps of the served ensemble, side by side with PyTorch eager,
+in-process ONNX Runtime and the no-server bound on the same frames and machine, plus plots."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ examples:
 what is written to --out:
   results.md       the table to paste into a report (machine, FPS, latencies, ratios, per-step costs)
   results.json     every number, including each perf_analyzer row
-  comparison.csv   one row per frame size and system (PyTorch, ONNX Runtime, Triton)
+  comparison.csv   one row per frame size and system (PyTorch, ONNX Runtime, the no-server bound, Triton)
   perf_*.csv/.log  raw perf_analyzer output; input_*.json the frames it sent
   throughput_latency_<size>.png, step_latency_<size>.png, step_breakdown_<size>.png
   roofline.png     per step and end to end: GFLOP/s achieved against the dense-math ceiling measured in the
@@ -96,12 +96,14 @@ def register(subparsers) -> None:
     m.add_argument("--request-count", type=int, default=40,
                    help="requests per perf_analyzer measurement window (count_windows; default: 40)")
     m.add_argument("--baseline-seconds", type=float, default=8.0,
-                   help="seconds each in-process baseline runs per frame size (default: 8)")
+                   help="seconds each in-process baseline (and the no-server bound) runs per frame size, before and "
+                        "after the sweeps (default: 8)")
     m.add_argument("--torch-device", default="cpu", help="device of the PyTorch eager baseline: cpu or cuda (default: cpu)")
     m.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also sweep with --shared-memory system (client and server on this host; default: on)")
     m.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure PyTorch eager and ONNX Runtime in-process (default: on)")
+                   help="measure PyTorch eager, ONNX Runtime in-process and the no-server bound: the engine graphs in-process "
+                        "with one one-thread session per core, all busy, which no server can beat (default: on)")
     m.add_argument("--per-model", action=argparse.BooleanOptionalAction, default=True,
                    help="also sweep each composing model alone at concurrency 1..4 (default: on)")
     m.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,

@@ -1,6 +1,7 @@
 """Side-by-side benchmark on one machine and the same frames, orchestrated:
 
 - **PyTorch eager** and **ONNX Runtime in-process**, batch 1 (:mod:`promptmad.benchmarks.baselines`);
+- the **no-server bound**: the same graphs in-process with every core busy (:mod:`promptmad.benchmarks.bound`);
 - the **Triton ensemble** with perf_analyzer: concurrency sweeps over gRPC, with and without
   ``--shared-memory system``, and each composing model alone (:mod:`promptmad.benchmarks.sweep`);
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from promptmad.benchmarks.baselines import Predictor, bracket, measure, onnxruntime_predictor, pytorch_predictor
+from promptmad.benchmarks.bound import BOUND, onnxruntime_bound
 from promptmad.benchmarks.frames import class_ids, load_frames
 from promptmad.benchmarks.machine import machine_description
 from promptmad.benchmarks.memory import group_memory_mib
@@ -79,10 +81,11 @@ def run_benchmark(
                          "repository": str(repo) if repo else None, "url": grpc_url, "image_size": params["image_size"],
                          "concurrency": list(concurrency), "n_frames": n_frames, "results": {}, "notes": []}
         predictors = _predictors(run_dir, repo, torch_device, summary) if compare else {}
+        bound = onnxruntime_bound(repo) if compare and has_onnx_graphs(repo) else None
         for size in tqdm(tuple(dict.fromkeys((*sizes, params["image_size"]))), desc="frame sizes", unit="size"):
             frames, names = load_frames(data, n=n_frames, size=size)
             ids = class_ids(names, params["class_names"])
-            summary["results"][str(size)] = _measure_size(grpc_url, repo, frames, ids, size, predictors, opts, out)
+            summary["results"][str(size)] = _measure_size(grpc_url, repo, frames, ids, size, predictors, bound, opts, out)
         summary["server_peak_rss_mib"] = group_memory_mib(server_pid, "VmHWM")
     finally:
         if server is not None:
@@ -114,12 +117,16 @@ def _predictors(run_dir, repo, torch_device: str, summary: dict) -> dict[str, Pr
     return predictors
 
 
-def _measure_size(grpc_url: str, repo, frames, ids, size: int, predictors: dict[str, Predictor], opts: Options, out: Path) -> dict:
+def _measure_size(grpc_url: str, repo, frames, ids, size: int, predictors: dict[str, Predictor], bound, opts: Options,
+                  out: Path) -> dict:
     """Every figure for one frame size: baselines, ensemble sweeps, breakdowns, composing models, plots."""
     res: dict = {}
     for key, fn in predictors.items():
         log.info("%s @%d", key, size)
         res[key] = measure(fn, frames, ids, min_seconds=opts.baseline_seconds)
+    if bound is not None:
+        log.info("%s @%d", BOUND, size)
+        res[BOUND] = bound(frames, ids, opts.baseline_seconds)
     before = server_stats(grpc_url)
     sw = sweep_ensemble(grpc_url, frames, ids, out, f"ensemble_{size}", concurrency=opts.concurrency,
                         request_count=opts.request_count)
@@ -136,6 +143,10 @@ def _measure_size(grpc_url: str, repo, frames, ids, size: int, predictors: dict[
     for key, fn in predictors.items():  # again after the sweeps: the ratios use the bracketing mean
         log.info("%s @%d, after the sweeps", key, size)
         res[key] = bracket(res[key], measure(fn, frames, ids, min_seconds=opts.baseline_seconds))
+    if bound is not None:
+        first = res[BOUND]
+        res[BOUND] = {**bracket(first, bound(frames, ids, opts.baseline_seconds)),
+                      "workers": first["workers"], "threads": first["threads"]}
     res["ratios"] = ratios(res)
     if opts.per_model:
         lo, hi, _ = opts.concurrency

@@ -158,9 +158,9 @@ def plot_breakdown(breakdown: dict, path: Path, title: str = "") -> Path:
 
 
 def plot_roofline(roofline: dict, path: Path, machine: dict | None = None) -> Path:
-    """One panel per frame size: per row of the roofline (each engine step, end to end best and c=1) a
-    bar of the GFLOP/s achieved (step colour; end to end dark grey) in front of a pale bar of its
-    ceiling, labelled with the share; a dashed line at the target share of the end-to-end ceiling."""
+    """One panel per frame size: per row of the roofline (each engine step, end to end best and c=1, the
+    no-server bound) a bar of the GFLOP/s achieved (step colour; end to end dark grey) in front of a pale
+    bar of its ceiling, labelled with the share; a dashed line at the target share of the end-to-end ceiling."""
     plt = _plt()
     sizes = list(roofline["sizes"])
     fig, axes = plt.subplots(1, len(sizes), figsize=(7.5 * len(sizes), 5.4), squeeze=False)
@@ -181,7 +181,7 @@ def plot_roofline(roofline: dict, path: Path, machine: dict | None = None) -> Pa
             ax.hlines(ceil[best] * roofline["target"]["target_share"], best - 0.4, best + 0.4, color="k", ls="--", lw=1,
                       label=f"target: {roofline['target']['target_share']:.0%} of the end-to-end ceiling")
         ax.set_ylim(0, max([*ceil, *got, 1.0]) * 1.2)
-        ax.set_xticks(x, [r["what"].replace("end to end, ", "e2e\n") for r in rows], fontsize=8)
+        ax.set_xticks(x, [r["what"].replace("end to end, ", "e2e\n").replace("no-server ", "no-server\n") for r in rows], fontsize=8)
         ax.set_ylabel("GFLOP/s")
         ax.set_title(f"{size}x{size} frames ({roofline['total_gflop_per_frame']:.2f} GFLOP/frame)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from promptmad.benchmarks.bound import BOUND
+
 NAN = float("nan")
 CSV_FIELDS = ["frames", "system", "mode", "fps", "p50_ms", "p99_ms", "vs_pytorch_b1", "vs_onnxruntime_b1", "stable"]
 
@@ -27,8 +29,10 @@ def ratios(res: dict) -> dict[str, float]:
     best = (res.get("triton_best") or {}).get("Inferences/Second", NAN)
     c1 = (res.get("triton_c1") or {}).get("Inferences/Second", NAN)
     pt, ort_ = _baseline_fps(res)
+    bound = res.get(BOUND, {}).get("fps", NAN)
     return {"triton_best_vs_pytorch_b1": best / pt, "triton_c1_vs_pytorch_b1": c1 / pt,
-            "triton_c1_vs_onnxruntime_b1": c1 / ort_, "triton_best_vs_onnxruntime_b1": best / ort_}
+            "triton_c1_vs_onnxruntime_b1": c1 / ort_, "triton_best_vs_onnxruntime_b1": best / ort_,
+            "triton_best_vs_onnxruntime_bound": best / bound, "onnxruntime_bound_vs_pytorch_b1": bound / pt}
 
 
 def write_outputs(summary: dict, out: Path) -> None:
@@ -50,6 +54,10 @@ def comparison_rows(summary: dict) -> list[dict]:
         for key, name in (("pytorch_eager_b1", "pytorch_eager"), ("onnxruntime_b1", "onnxruntime_in_process")):
             if key in r:
                 add(name, "batch 1, sequential", r[key]["fps"], r[key]["p50_ms"], r[key]["p99_ms"])
+        if BOUND in r:
+            b = r[BOUND]
+            add("onnxruntime_in_process_bound", f"{b.get('workers', '?')} sessions x {b.get('threads', 1)} thread, all at once",
+                b["fps"], b["p50_ms"], b["p99_ms"])
         for key, name in (("triton_c1", "triton_grpc"), ("triton_best", "triton_grpc"), ("triton_shm_best", "triton_grpc_shm")):
             p = r.get(key)
             if p:
@@ -74,7 +82,8 @@ def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_baseline_lines(summary), *_breakdown_lines(summary),
+    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_bound_lines(summary), *_baseline_lines(summary),
+             *_breakdown_lines(summary),
              *_composing_lines(summary),
              *_roofline_lines(summary)]
     if not math.isnan(summary.get("server_peak_rss_mib", NAN) or NAN):
@@ -119,13 +128,25 @@ def _baseline_lines(summary: dict) -> list[str]:
 
     lines = []
     for size, r in summary["results"].items():
-        runs = [(name, r[key]) for key, name in (("pytorch_eager_b1", "PyTorch eager"), ("onnxruntime_b1", "ONNX Runtime"))
-                if "fps_runs" in r.get(key, {})]
+        runs = [(name, r[key]) for key, name in (("pytorch_eager_b1", "PyTorch eager"), ("onnxruntime_b1", "ONNX Runtime"),
+                                                 (BOUND, "the no-server bound")) if "fps_runs" in r.get(key, {})]
         if runs:
             lines.append(f"{size}x{size} in-process baselines, FPS before / after the served sweeps (the table: their mean): " + ", ".join(
                 f"{name} {v['fps_runs'][0]:.1f} / {v['fps_runs'][1]:.1f}"
                 + (f" (**drifted {100 * v['spread']:.0f}%**: ratios to it are that uncertain)" if v["spread"] > DRIFT else "")
                 for name, v in runs))
+    return lines + [""] if lines else []
+
+
+def _bound_lines(summary: dict) -> list[str]:
+    """What no server could beat on these cores (benchmarks/bound.py), and how close the served best came."""
+    lines = []
+    for size, r in summary["results"].items():
+        b, rt = r.get(BOUND), r.get("ratios", {})
+        if b:
+            lines.append(f"{size}x{size} no-server bound (the engine graphs in-process, {b.get('workers', '?')} one-thread sessions "
+                         f"at once, every core busy): {_f(b['fps'])} FPS = {_f(rt.get('onnxruntime_bound_vs_pytorch_b1'), '.2f', 'x')} "
+                         f"PyTorch eager; the served best is {_f(rt.get('triton_best_vs_onnxruntime_bound', NAN) * 100, '.0f', '%')} of it.")
     return lines + [""] if lines else []
 
 
@@ -200,4 +221,9 @@ def _roofline_lines(summary: dict) -> list[str]:
                       f"{rl['image_size']} (best concurrency): {_f(t['share'] * 100, '.1f', '%')}, {t['verdict']}"
                       # one decimal: 59.8% rounded to "60%, missed by 0 points" read as a contradiction
                       + ("" if t["verdict"] == "not measured" else f" by {abs(t['margin_points']):.1f} points") + scope + "."]
+        bound = t.get("bound_share", NAN)
+        if t["verdict"] == "missed" and not math.isnan(bound):
+            lines.append(f"The no-server bound (the same graphs in-process, every core busy) reaches {bound * 100:.1f}%: "
+                         + ("out of reach for any server on this machine." if bound < t["target_share"]
+                            else "the serving costs the difference."))
     return lines

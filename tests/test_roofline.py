@@ -177,6 +177,29 @@ def test_shares_are_flops_times_fps_over_the_ceiling():
     assert rows["end to end, c=1"]["ceiling_gflops_per_s"] == pytest.approx(4.0 / (1 / 10.0 + 3 / 40.0))
 
 
+def test_the_no_server_bound_is_held_against_the_machine_ceiling():
+    """The bound (benchmarks/bound.py) gets a row against the machine ceiling, and a missed target says
+    whether any server could have met it on this machine."""
+    from promptmad.benchmarks.bound import BOUND
+    from promptmad.benchmarks.report import _roofline_lines
+    from promptmad.benchmarks.roofline import target_verdict
+
+    flops = {"visual_encoder": StepFlops("visual_encoder", flops=int(1e9)), "segmentor": StepFlops("segmentor", flops=int(3e9))}
+    for bound_fps, says in ((2.5, "out of reach for any server on this machine"), (3.0, "the serving costs the difference")):
+        res = {**_served(fps_best=2.0), BOUND: {"fps": bound_fps}}
+        rows = size_rows(flops, _fixed_ceiling(), res)
+        bound = next(r for r in rows if r["what"] == "no-server bound")
+        assert bound["gflops_per_s"] == pytest.approx(4.0 * bound_fps) and bound["level"] == "machine"
+        assert bound["share"] == pytest.approx(4.0 * bound_fps / 18.0)
+        t = target_verdict(rows, quantized=False)
+        assert t["verdict"] == "missed" and t["bound_share"] == pytest.approx(bound["share"])  # best: 8 of 18 GFLOP/s
+        rl = {"ceiling": {**_fixed_ceiling().as_dict(), "kernels": []}, "cores": 2, "convention": "c", "total_gflop_per_frame": 4.0,
+              "image_size": 224, "sizes": {"224": rows}, "target": t}
+        md = "\n".join(_roofline_lines({"roofline": rl, "machine": {}}))
+        assert f"reaches {100 * bound['share']:.1f}%: {says}" in md and "| 224x224 | no-server bound |" in md
+    assert not any(r["what"] == "no-server bound" for r in size_rows(flops, _fixed_ceiling(), _served()))
+
+
 def test_served_threads_come_from_the_exported_configs(tiny_repository):
     served = served_threads(tiny_repository)
     assert list(served) == list(contract.ENGINE_STEPS)
