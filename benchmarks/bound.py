@@ -76,6 +76,23 @@ def measure_parallel(predictors: Sequence[Predictor], frames: Sequence[np.ndarra
             "per_worker": [len(x) for x in lat], "workers": len(predictors), "threads": 1}
 
 
+def served_on_cpu(repo) -> str | None:
+    """None when every engine step of ``repo`` runs on ONNX Runtime's CPU provider (the bound's premise), else
+    why not: a step pointed at a GPU provider (benchmarks/gpu_providers.py) computes elsewhere than these cores."""
+    from pathlib import Path
+
+    from promptmad.benchmarks.gpu_providers import PARAM
+    from promptmad.benchmarks.onnx_chain import engine_steps
+    from promptmad.export.repository_edit import read_config
+
+    for step in engine_steps(repo):
+        params = read_config(Path(repo) / step.name / "config.pbtxt").parameters
+        first = params[PARAM].string_value.split(",")[0] if PARAM in params else "CPUExecutionProvider"
+        if first != "CPUExecutionProvider":
+            return f"{step.name} runs on {first}, not on these cores"
+    return None
+
+
 def onnxruntime_bound(repo, workers: int | None = None) -> Callable[[Sequence[np.ndarray], Sequence[int], float], dict]:
     """A measurer of the bound on ``repo``: ``workers`` (default: every core) one-thread ONNX Runtime
     chains, built once; call it with (frames, class ids, seconds)."""

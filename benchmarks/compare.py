@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from promptmad.benchmarks.baselines import Predictor, bracket, measure, onnxruntime_predictor, pytorch_predictor
-from promptmad.benchmarks.bound import BOUND, onnxruntime_bound
+from promptmad.benchmarks.bound import BOUND, onnxruntime_bound, served_on_cpu
 from promptmad.benchmarks.frames import class_ids, load_frames
 from promptmad.benchmarks.machine import machine_description
 from promptmad.benchmarks.memory import group_memory_mib
@@ -81,7 +81,7 @@ def run_benchmark(
                          "repository": str(repo) if repo else None, "url": grpc_url, "image_size": params["image_size"],
                          "concurrency": list(concurrency), "n_frames": n_frames, "results": {}, "notes": []}
         predictors = _predictors(run_dir, repo, torch_device, summary) if compare else {}
-        bound = onnxruntime_bound(repo) if compare and has_onnx_graphs(repo) else None
+        bound = _bound(repo, summary) if compare else None
         for size in tqdm(tuple(dict.fromkeys((*sizes, params["image_size"]))), desc="frame sizes", unit="size"):
             frames, names = load_frames(data, n=n_frames, size=size)
             ids = class_ids(names, params["class_names"])
@@ -115,6 +115,15 @@ def _predictors(run_dir, repo, torch_device: str, summary: dict) -> dict[str, Pr
         summary["notes"].append("ONNX Runtime in-process not measured: the repository has no ONNX graphs "
                                 "(or no --repo was given)")
     return predictors
+
+
+def _bound(repo, summary: dict):
+    """The no-server bound's measurer, or None with a note in ``summary`` saying why it is not measured."""
+    why = "the repository has no ONNX graphs (or no --repo was given)" if not has_onnx_graphs(repo) else served_on_cpu(repo)
+    if why:
+        summary["notes"].append(f"no-server bound not measured: {why}")
+        return None
+    return onnxruntime_bound(repo)
 
 
 def _measure_size(grpc_url: str, repo, frames, ids, size: int, predictors: dict[str, Predictor], bound, opts: Options,

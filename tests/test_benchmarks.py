@@ -419,6 +419,19 @@ def test_no_server_bound_on_real_onnxruntime(tiny_repository):
     assert r["fps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
 
 
+def test_no_server_bound_only_for_steps_on_these_cores(tiny_repository, tmp_path):
+    """A repository whose engine steps run on a GPU provider (benchmarks/gpu_providers.py) has no CPU bound."""
+    import shutil
+
+    from promptmad.benchmarks.bound import served_on_cpu
+    from promptmad.benchmarks.gpu_providers import set_providers
+
+    assert served_on_cpu(tiny_repository) is None
+    gpu = shutil.copytree(tiny_repository, tmp_path / "gpu")
+    set_providers(gpu, "CUDAExecutionProvider,CPUExecutionProvider")
+    assert served_on_cpu(gpu) == f"{contract.VISUAL_ENCODER.name} runs on CUDAExecutionProvider, not on these cores"
+
+
 def test_composing_inputs_are_each_steps_contract_inputs(tiny_repository):
     from promptmad.benchmarks.baselines import onnxruntime_predictor
     from promptmad.benchmarks.sweep import composing_inputs
