@@ -82,7 +82,8 @@ def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_bound_lines(summary), *_baseline_lines(summary),
+    lines = [*_machine_lines(summary), "", *_results_table(summary), "", *_sweep_edge_lines(summary), *_bound_lines(summary),
+             *_baseline_lines(summary),
              *_breakdown_lines(summary),
              *_composing_lines(summary),
              *_roofline_lines(summary)]
@@ -120,6 +121,20 @@ def _results_table(summary: dict) -> list[str]:
             f"{_f(rt.get('triton_best_vs_pytorch_b1'), '.2f', 'x')} | {_f(rt.get('triton_c1_vs_onnxruntime_b1'), '.2f', 'x')} | "
             f"{_f(rt.get('triton_best_vs_onnxruntime_b1'), '.2f', 'x')} |")
     return lines
+
+
+def _sweep_edge_lines(summary: dict) -> list[str]:
+    """A best concurrency at the top of the sweep: the served best may lie higher, and every ratio to it with it."""
+    start, end = (summary.get("concurrency") or (1, 1))[:2]
+    if end <= start:
+        return []
+    lines = []
+    for size, r in summary["results"].items():
+        for key, what in (("triton_best", "Triton"), ("triton_shm_best", "Triton+shm")):
+            if r.get(key, {}).get("Concurrency") == end:
+                lines.append(f"{size}x{size}: {what} best at concurrency {end}, the top of the sweep: the best may lie higher "
+                             f"(sweep further, e.g. --concurrency {start}:{2 * end}).")
+    return lines + [""] if lines else []
 
 
 def _baseline_lines(summary: dict) -> list[str]:

@@ -265,6 +265,14 @@ def test_markdown_and_comparison_csv(tmp_path):
     assert text[0].startswith("frames,system,mode,fps") and len(text) == 1 + len(rows)
 
 
+def test_a_best_at_the_top_of_the_sweep_is_flagged():
+    """The served best at the sweep's last concurrency may not be the best: results.md says so, and not otherwise."""
+    edge = "Triton best at concurrency 4, the top of the sweep: the best may lie higher (sweep further, e.g. --concurrency 1:8)."
+    assert edge in format_markdown({**_summary(), "concurrency": [1, 4, 1]})
+    assert "top of the sweep" not in format_markdown({**_summary(), "concurrency": [1, 8, 1]})
+    assert "top of the sweep" not in format_markdown(_summary())  # no sweep range recorded
+
+
 def test_baselines_bracket_the_sweeps_and_a_drift_is_flagged():
     """A baseline is measured before and after the served sweeps: the table and the ratios use the mean,
     results.md gives both runs and flags a spread over DRIFT."""
