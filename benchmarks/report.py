@@ -125,15 +125,14 @@ def _results_table(summary: dict) -> list[str]:
 
 def _sweep_edge_lines(summary: dict) -> list[str]:
     """A best concurrency at the top of the sweep: the served best may lie higher, and every ratio to it with it."""
-    start, end = (summary.get("concurrency") or (1, 1))[:2]
-    if end <= start:
-        return []
     lines = []
     for size, r in summary["results"].items():
-        for key, what in (("triton_best", "Triton"), ("triton_shm_best", "Triton+shm")):
-            if r.get(key, {}).get("Concurrency") == end:
-                lines.append(f"{size}x{size}: {what} best at concurrency {end}, the top of the sweep: the best may lie higher "
-                             f"(sweep further, e.g. --concurrency {start}:{2 * end}).")
+        for key, what in (("triton", "Triton"), ("triton_shm", "Triton+shm")):
+            levels = [p.get("Concurrency") for p in r.get(f"{key}_sweep", [])]
+            top = max((c for c in levels if c is not None), default=None)
+            if top is not None and len(set(levels)) > 1 and r.get(f"{key}_best", {}).get("Concurrency") == top:
+                lines.append(f"{size}x{size}: {what} best at concurrency {top}, the top of the sweep: the best may lie higher "
+                             f"(sweep further, e.g. --concurrency {min(levels)}:{2 * top}).")
     return lines + [""] if lines else []
 
 

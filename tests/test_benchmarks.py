@@ -266,11 +266,18 @@ def test_markdown_and_comparison_csv(tmp_path):
 
 
 def test_a_best_at_the_top_of_the_sweep_is_flagged():
-    """The served best at the sweep's last concurrency may not be the best: results.md says so, and not otherwise."""
+    """The served best at the sweep's last measured concurrency (a step may skip the asked end) may not be the
+    best: results.md says so, and not otherwise."""
+    def with_sweep(levels):
+        s = _summary()
+        s["results"]["224"]["triton_sweep"] = [{"Concurrency": c, "Inferences/Second": 1.0} for c in levels]
+        return format_markdown(s)
+
     edge = "Triton best at concurrency 4, the top of the sweep: the best may lie higher (sweep further, e.g. --concurrency 1:8)."
-    assert edge in format_markdown({**_summary(), "concurrency": [1, 4, 1]})
-    assert "top of the sweep" not in format_markdown({**_summary(), "concurrency": [1, 8, 1]})
-    assert "top of the sweep" not in format_markdown(_summary())  # no sweep range recorded
+    assert edge in with_sweep([1, 2, 3, 4]) and edge in with_sweep([1, 4])  # 1:5:3 measures 1 and 4
+    assert "top of the sweep" not in with_sweep([1, 2, 3, 4, 5])
+    assert "top of the sweep" not in with_sweep([4])  # one level is no sweep
+    assert "top of the sweep" not in format_markdown(_summary())  # no sweep recorded
 
 
 def test_baselines_bracket_the_sweeps_and_a_drift_is_flagged():
