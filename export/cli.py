@@ -83,11 +83,14 @@ def _register_export(subparsers) -> None:
     e.add_argument("--dynamic-batching", choices=("on", "off"),
                    help="Triton's dynamic batcher on every step (default: off for python-ort, where batched frames run no "
                         "faster than one after the other; on for the GPU runtimes)")
-    q = e.add_argument_group("INT8 (--precision int8)")
-    q.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
-                   help="fp32 (default) or int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
+    q = e.add_argument_group("INT8 and BF16 (--precision int8 | bf16)")
+    q.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
+                   help="fp32 (default); int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
                         "calibrated on normal training frames of the run's classes (--data, else the run's training data); "
-                        "a per-block sensitivity sweep keeps in float what moves the map; with --runtime tensorrt, INT8 engines")
+                        "a per-block sensitivity sweep keeps in float what moves the map; with --runtime tensorrt, INT8 engines; "
+                        "bf16 (python-ort only): the float32 graphs served by OpenVINO's CPU plugin in bf16, faster on a CPU "
+                        "with AVX512_BF16 or AMX (elsewhere OpenVINO computes in float32). Judge int8 and bf16 with "
+                        "`promptmad int8-gate`")
     q.add_argument("--calibration-method", default=QUANTIZE_DEFAULTS.method, choices=CALIBRATION_METHODS,
                    help="ONNX Runtime calibration method (default: %(default)s)")
     q.add_argument("--calibration-frames", type=int, default=QUANTIZE_DEFAULTS.frames,
@@ -101,7 +104,7 @@ def _register_export(subparsers) -> None:
 
 
 GATE_DESCRIPTION = (
-    "The INT8 quality gate: serve the FP32 and the INT8 repository of one run in turn (a real tritonserver each), "
+    "The INT8 (and BF16) quality gate: serve the FP32 and the INT8 (or BF16) repository of one run in turn (a real tritonserver each), "
     "score the test split of --data with each, and compare `promptmad evaluate`'s mean metrics: P-AUROC and I-AUROC "
     "may drop by 0.5 points, P-AP and AUPRO by 1 point. With --speed, also the served FPS of both in one run "
     "(perf_analyzer on the ensemble, rounds alternating). The figures are written into the INT8 repository's "
@@ -110,12 +113,12 @@ GATE_DESCRIPTION = (
 
 
 def _register_int8_gate(subparsers) -> None:
-    g = _add_parser(subparsers, "int8-gate", "quality gate (and served speed) of an INT8 repository against its FP32 twin",
+    g = _add_parser(subparsers, "int8-gate", "quality gate (and served speed) of an INT8 or BF16 repository against its FP32 twin",
                     GATE_DESCRIPTION, "example:\n  promptmad export --ckpt RUN --out repo_fp32\n"
                     "  promptmad export --ckpt RUN --out repo_int8 --precision int8\n"
                     "  promptmad int8-gate --fp32 repo_fp32 --int8 repo_int8 --data data/synth --speed")
     g.add_argument("--fp32", required=True, help="repository exported with --precision fp32")
-    g.add_argument("--int8", required=True, help="repository exported from the same run with --precision int8")
+    g.add_argument("--int8", required=True, help="repository exported from the same run with --precision int8 (or bf16)")
     g.add_argument("--data", required=True, help="dataset with a test split of the run's classes")
     g.add_argument("--classes", nargs="+", help="evaluate these classes only (default: all served)")
     g.add_argument("--no-quality", action="store_true", help="skip the quality gate (with --speed: speed only)")
@@ -186,6 +189,10 @@ def _export(args) -> int:
         kept = {s: sorted(b) for s, b in q["excluded"].items() if b}
         print(f"INT8: {q['calibration_frames']} calibration frames ({q['config']['method']}), kept float: {kept or 'nothing'}, "
               f"map RMS vs fp32 on {q['held_frames']} sweep frames {q['chain_map_rms']:.3g} (sweep {q['sweep_seconds']:.0f} s)")
+        print(f"quality gate: promptmad int8-gate --fp32 FP32_REPO --int8 {args.out} --data DATA")
+    b = result.manifest.get("bf16")
+    if b:
+        print(f"BF16: OpenVINO {b['openvino_version'].split('-')[0]}, this machine computed in {b['export_machine_computed_in']}")
         print(f"quality gate: promptmad int8-gate --fp32 FP32_REPO --int8 {args.out} --data DATA")
     if args.runtime == "python-ort":
         print(f"next: promptmad serve --repo {args.out}")

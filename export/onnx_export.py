@@ -172,18 +172,23 @@ PARITY_TOLERANCES = {
 }
 
 
-def check_parity(paths: dict[str, Path], reference: dict[str, np.ndarray],
-                 tolerances: dict[str, Tolerance] = PARITY_TOLERANCES) -> dict[str, float]:
-    """Runs each graph with Polygraphy's ONNX Runtime runner on the reference's own inputs and
-    compares every output with PyTorch (within `tolerances`, INT8 graphs: export/quantize.py's);
-    raises ExportError naming the drifting tensor."""
+def onnxruntime_outputs(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One graph's outputs from Polygraphy's ONNX Runtime runner (CPU)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
+    with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+        return runner.infer(feed)
+
+
+def check_parity(paths: dict[str, Path], reference: dict[str, np.ndarray],
+                 tolerances: dict[str, Tolerance] = PARITY_TOLERANCES, outputs=onnxruntime_outputs) -> dict[str, float]:
+    """Runs each graph (`outputs`: ONNX Runtime; BF16: export/bf16.py's OpenVINO) on the reference's own inputs and
+    compares every output with PyTorch (within `tolerances`, INT8 graphs: export/quantize.py's);
+    raises ExportError naming the drifting tensor."""
     report: dict[str, float] = {}
     for step, path in paths.items():
         feed = {n: reference[n] for n in contract.STEPS[step].input_names}
-        with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
-            got = runner.infer(feed)
+        got = outputs(path, feed)
         for name in contract.STEPS[step].output_names:
             ref, out = reference[name].astype(np.float32), np.asarray(got[name], dtype=np.float32)
             if ref.shape != out.shape:

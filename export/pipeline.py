@@ -8,6 +8,7 @@
 3. Parity of every graph against PyTorch on real frames (Polygraphy's ONNX Runtime runner).
 3b. Precision `int8`: static QDQ quantization of the three graphs, calibrated on normal training frames,
    what stays float decided by a sensitivity sweep (export/quantize.py), parity with int8 tolerances.
+   Precision `bf16`: the float32 graphs on OpenVINO's CPU plugin at bf16 (export/bf16.py), parity checked there.
 4. Runtime `tensorrt`: engines built and compared against ONNX Runtime (GPU + TensorRT only; INT8
    engines from the QDQ graphs under `int8`).
 5. The repository (configs through Triton's protobuf schema) and a manifest with checksums.
@@ -48,7 +49,7 @@ from promptmad.training.deviation import is_identity
 log = logging.getLogger(__name__)
 _PROFILED = " x the class's position gain per ring (promptmad train --position-profile)"
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16")
 
 
 @dataclass
@@ -109,6 +110,13 @@ def _check_options(runtime: str, max_batch: int, opset: int, precision: str = "f
         raise ExportError(f"--runtime {runtime!r}: choose one of {', '.join(contract.RUNTIMES)}")
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and runtime != "python-ort":
+        raise ExportError(f"--precision bf16 is for --runtime python-ort (OpenVINO on the CPU server); with --runtime "
+                          f"{runtime} use --precision fp32 (TensorRT builds FP16 engines) or int8")
+    if precision == "bf16":
+        from promptmad.export.bf16 import require_openvino
+
+        require_openvino()
     if precision == "int8" and runtime == "tensorrt" and quantize is not None and quantize.activation_type not in ("auto", "int8"):
         raise ExportError(f"--runtime tensorrt --precision int8 needs symmetric int8 activations (activation_type "
                           f"{quantize.activation_type!r}): TensorRT's explicit quantization takes INT8 Q/DQ only")
@@ -183,6 +191,27 @@ def _quantize(model, info, onnx_paths: dict[str, Path], tables: dict[str, np.nda
     return paths, decision.to_dict()
 
 
+def _bf16_engine() -> dict:
+    from promptmad.export.bf16 import ENGINE, INFERENCE_PRECISION
+
+    return {"engine": ENGINE, "inference_precision": INFERENCE_PRECISION}
+
+
+def _bf16_parity(onnx_paths: dict[str, Path], reference: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
+    """The graphs on OpenVINO at bf16 against PyTorch; the manifest's record of it."""
+    import openvino
+
+    from promptmad.export.bf16 import BF16_PARITY_TOLERANCES, OpenVinoOutputs
+
+    outputs = OpenVinoOutputs()
+    parity = run_parity_check(onnx_paths, reference, BF16_PARITY_TOLERANCES, outputs=outputs)
+    computed = "+".join(sorted(outputs.computed))
+    if computed != "bf16":
+        log.warning("this CPU computes in %s, not bf16 (no AVX512_BF16 or AMX): the parity figures are float32's; "
+                    "a server on a CPU with bf16 computes in bf16", computed)
+    return parity, {"engine": "openvino", "openvino_version": openvino.__version__, "export_machine_computed_in": computed}
+
+
 def _chain_tensors(model, frames: np.ndarray, ids: np.ndarray, tables: dict[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
     """reference_outputs in batches (the segmentor's distance matrix is [B, P, K]: keep B small)."""
     parts = [reference_outputs(model, frames[i:i + batch], ids[i:i + batch], tables) for i in range(0, len(frames), batch)]
@@ -191,7 +220,7 @@ def _chain_tensors(model, frames: np.ndarray, ids: np.ndarray, tables: dict[str,
 
 def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch: int,
               parity: dict[str, float], trt_meta: dict[str, str], precision: str = "fp32", quantization: dict | None = None,
-              parity_fp32: dict[str, float] | None = None) -> dict:
+              parity_fp32: dict[str, float] | None = None, bf16: dict | None = None) -> dict:
     """What was exported from what (manifest.json; the artifact checksums are added when sealed)."""
     cfg = model.cfg
     return {
@@ -220,8 +249,9 @@ def _manifest(run_dir: Path, model, info, *, runtime: str, opset: int, max_batch
         "parity_max_abs_error": parity,
         # the tolerances the served graphs passed (int8: looser, stated in export/quantize.py)
         "parity_tolerances": {k: {"atol": t.atol, "rtol": t.rtol} for k, t in
-                              (INT8_PARITY_TOLERANCES if precision == "int8" else PARITY_TOLERANCES).items()},
+                              (INT8_PARITY_TOLERANCES if precision in ("int8", "bf16") else PARITY_TOLERANCES).items()},
         **({"parity_fp32_graphs_max_abs_error": parity_fp32, "quantization": quantization} if precision == "int8" else {}),
+        **({"parity_fp32_graphs_max_abs_error": parity_fp32, "bf16": bf16} if precision == "bf16" else {}),
         **trt_meta,
     }
 
@@ -268,12 +298,14 @@ def export_run(
     spec = RepositorySpec(runtime=runtime, class_names=tuple(info.classes), thresholds=info.thresholds, image_size=size,
                           tensor_shapes=step_tensor_shapes(model), max_batch=max_batch,
                           instance_count=instance_count, ort_threads=1 if ort_threads is None else ort_threads,
-                          dynamic_batching=dynamic_batching)
+                          dynamic_batching=dynamic_batching, **(_bf16_engine() if precision == "bf16" else {}))
     staging = Path(tempfile.mkdtemp(prefix="promptmad-export-"))  # scratch; the repository itself is staged beside --out
     try:
         onnx_paths, unsupported = _export_graphs(model, staging, reference, opset=opset, runtime=runtime)
         parity = parity_fp32 = run_parity_check(onnx_paths, reference) if check_parity else {}
-        graphs, quantization = dict(onnx_paths), None
+        graphs, quantization, bf16 = dict(onnx_paths), None, None
+        if precision == "bf16":
+            parity, bf16 = _bf16_parity(onnx_paths, reference) if check_parity else ({}, None)
         if precision == "int8":
             graphs, quantization = _quantize(model, info, onnx_paths, tables, staging, data=data, cfg=quantize, runtime=runtime)
             parity = run_parity_check(graphs, reference, INT8_PARITY_TOLERANCES) if check_parity else {}
@@ -282,7 +314,8 @@ def export_run(
             artifacts, trt_meta = _build_engines(graphs, staging, spec.tensor_shapes, reference, max_batch=max_batch, fp16=fp16,
                                                  int8=precision == "int8")
         manifest = _manifest(run_dir, model, info, runtime=runtime, opset=opset, max_batch=max_batch, parity=parity,
-                             trt_meta=trt_meta, precision=precision, quantization=quantization, parity_fp32=parity_fp32)
+                             trt_meta=trt_meta, precision=precision, quantization=quantization, parity_fp32=parity_fp32,
+                             bf16=bf16)
         manifest["layout"], manifest["dynamic_batching"] = contract.LAYOUTS[0], spec.batching  # fusing sets "fused"
         repo = write_repository(out_dir, spec, artifacts=artifacts, tables=tables, manifest=manifest)
         manifest = json.loads((repo / MANIFEST).read_text())  # sealed by write_repository

@@ -9,6 +9,9 @@ the figures go into the INT8 repository's manifest.json (an atomic, re-sealed ed
 Speed: both repositories served in turn, in one run, with the same perf_analyzer sweep of the ensemble
 (benchmarks/sweep.py) on the same frames, rounds alternating FP32, INT8, INT8, FP32 ... so a drift of
 the machine during the run falls on both; the FPS ratio per concurrency is INT8 / FP32.
+
+A BF16 repository (`--precision bf16`, export/bf16.py) is judged the same way, by the same drops: the figures keep
+their "int8" keys (the reduced-precision side) and say which precision they judged.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ log = logging.getLogger(__name__)
 
 # largest allowed drop of the INT8 repository's mean metric against FP32, in points (percent)
 GATE_POINTS = {"P-AUROC": 0.5, "I-AUROC": 0.5, "P-AP": 1.0, "AUPRO": 1.0}
-GATE_FIELD = "int8_quality_gate"  # manifest.json field of the INT8 repository
+GATE_FIELD = "int8_quality_gate"  # manifest.json field of the INT8 (or BF16) repository
+# the precisions the gate judges against fp32: the same drops hold for bf16 (export/bf16.py)
+REDUCED_PRECISIONS = ("int8", "bf16")
 SPEED_FIELD = "int8_speed"
 
 
@@ -43,8 +48,9 @@ def check_pair(fp32_repo: Path, int8_repo: Path) -> tuple[dict, dict]:
     a, b = _manifest(fp32_repo), _manifest(int8_repo)
     if a.get("precision", "fp32") != "fp32":
         raise ExportError(f"--fp32 {fp32_repo}: precision {a.get('precision')!r}, not fp32")
-    if b.get("precision") != "int8":
-        raise ExportError(f"--int8 {int8_repo}: precision {b.get('precision', 'fp32')!r}; export it with --precision int8")
+    if b.get("precision") not in REDUCED_PRECISIONS:
+        raise ExportError(f"--int8 {int8_repo}: precision {b.get('precision', 'fp32')!r}; export it with --precision int8 "
+                          "(or bf16)")
     if a.get("checkpoint_sha256") != b.get("checkpoint_sha256"):
         raise ExportError(f"{fp32_repo} and {int8_repo} were exported from different checkpoints; export both from one run")
     return a, b
@@ -94,7 +100,7 @@ def quality_gate(fp32_repo: str | Path, int8_repo: str | Path, data: str | Path,
     from promptmad.training.evaluate import metric_rows
 
     fp32_repo, int8_repo = Path(fp32_repo), Path(int8_repo)
-    a, _ = check_pair(fp32_repo, int8_repo)
+    a, b = check_pair(fp32_repo, int8_repo)
     names = sorted(a["classes"], key=a["classes"].get)
     wanted = list(classes) if classes else names
     unknown = sorted(set(wanted) - set(names))
@@ -106,7 +112,7 @@ def quality_gate(fp32_repo: str | Path, int8_repo: str | Path, data: str | Path,
         rows[label] = metric_rows(served_predictions(repo, data, wanted, names, int(a["image_size"]), layout), wanted)
         log.info("%s served evaluation: %.0f s", label, time.perf_counter() - start)
     verdict = gate(rows["fp32"], rows["int8"])
-    doc = {"data": str(data), "classes": wanted, "fp32_repository": str(fp32_repo.resolve()),
+    doc = {"precision": b["precision"], "data": str(data), "classes": wanted, "fp32_repository": str(fp32_repo.resolve()),
            "metrics": {k: {c: {m: round(100 * v, 3) for m, v in r.items()} for c, r in rows[k].items()} for k in rows},
            "gate": verdict, "pass": all(v["pass"] for v in verdict.values()),
            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -131,7 +137,7 @@ def speed_comparison(fp32_repo: str | Path, int8_repo: str | Path, data: str | P
     from promptmad.benchmarks.machine import machine_description
 
     fp32_repo, int8_repo = Path(fp32_repo), Path(int8_repo)
-    check_pair(fp32_repo, int8_repo)
+    _, b = check_pair(fp32_repo, int8_repo)
     out = Path(out)
     fps, order = served_rounds({"fp32": fp32_repo, "int8": int8_repo}, data, out, rounds=rounds, concurrency=concurrency,
                                size=size, n_frames=n_frames, request_count=request_count)
@@ -140,7 +146,7 @@ def speed_comparison(fp32_repo: str | Path, int8_repo: str | Path, data: str | P
     for row in table.values():
         row["ratio"] = round(row["int8_fps"] / row["fp32_fps"], 3)
     best = {k: max(v["fp32_fps" if k == "fp32" else "int8_fps"] for v in table.values()) for k in ("fp32", "int8")}
-    doc = {"machine": machine_description(), "image_size": size, "frames": n_frames, "rounds": rounds,
+    doc = {"precision": b["precision"], "machine": machine_description(), "image_size": size, "frames": n_frames, "rounds": rounds,
            "order": [list(p) for p in order], "per_concurrency": {str(c): v for c, v in table.items()},
            "best_fps": best, "best_ratio": round(best["int8"] / best["fp32"], 3),
            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -151,8 +157,14 @@ def speed_comparison(fp32_repo: str | Path, int8_repo: str | Path, data: str | P
     return doc
 
 
+def _label(doc: dict) -> str:
+    """INT8 or BF16: the precision judged (the figures' keys say "int8" for either)."""
+    return doc.get("precision", "int8").upper()
+
+
 def format_gate(doc: dict) -> str:
-    lines = ["| metric (mean, %) | FP32 served | INT8 served | change (points) | allowed drop | pass |", "|---|---:|---:|---:|---:|---|"]
+    lines = [f"| metric (mean, %) | FP32 served | {_label(doc)} served | change (points) | allowed drop | pass |",
+             "|---|---:|---:|---:|---:|---|"]
     for name, v in doc["gate"].items():
         lines.append(f"| {name} | {v['fp32']:.2f} | {v['int8']:.2f} | {v['delta_points']:+.2f} | {v['max_drop_points']} | "
                      f"{'yes' if v['pass'] else 'NO'} |")
@@ -162,8 +174,9 @@ def format_gate(doc: dict) -> str:
 
 def format_speed(doc: dict) -> str:
     lines = [f"served FPS at {doc['image_size']} px, {doc['rounds']} alternating rounds ({doc['machine'].get('cpu', '')})",
-             "| concurrency | FP32 FPS | INT8 FPS | INT8 / FP32 |", "|---:|---:|---:|---:|"]
+             f"| concurrency | FP32 FPS | {_label(doc)} FPS | {_label(doc)} / FP32 |", "|---:|---:|---:|---:|"]
     for c, v in doc["per_concurrency"].items():
         lines.append(f"| {c} | {v['fp32_fps']:.1f} | {v['int8_fps']:.1f} | {v['ratio']:.2f}x |")
-    lines.append(f"best: FP32 {doc['best_fps']['fp32']:.1f}, INT8 {doc['best_fps']['int8']:.1f} FPS: {doc['best_ratio']:.2f}x")
+    lines.append(f"best: FP32 {doc['best_fps']['fp32']:.1f}, {_label(doc)} {doc['best_fps']['int8']:.1f} FPS: "
+                 f"{doc['best_ratio']:.2f}x")
     return "\n".join(lines)

@@ -51,9 +51,21 @@ class RepositorySpec:
     instance_count: int | None = None
     ort_threads: int | str = 1  # per engine instance, 0 = all cores, or contract.ORT_THREADS_AUTO
     dynamic_batching: bool | None = None  # None: default_dynamic_batching(runtime)
+    engine: str = contract.ENGINES[0]  # what runs the python-ort engine graphs (contract.PARAM_ENGINE)
+    inference_precision: str = contract.INFERENCE_PRECISIONS[0]  # OpenVINO's (contract.PARAM_INFERENCE_PRECISION)
 
     def __post_init__(self):
         check_ort_threads(self.ort_threads)
+        if self.engine not in contract.ENGINES:
+            raise ExportError(f"engine {self.engine!r}: choose one of {', '.join(contract.ENGINES)}")
+        if self.inference_precision not in contract.INFERENCE_PRECISIONS:
+            raise ExportError(f"inference_precision {self.inference_precision!r}: choose one of "
+                              f"{', '.join(contract.INFERENCE_PRECISIONS)}")
+        if self.engine != contract.ENGINES[0] and self.runtime != "python-ort":
+            raise ExportError(f"engine {self.engine} runs in the Python backend: runtime python-ort, not {self.runtime}")
+        if self.inference_precision != contract.INFERENCE_PRECISIONS[0] and self.engine == contract.ENGINES[0]:
+            raise ExportError(f"inference_precision {self.inference_precision} needs engine {contract.ENGINES[1]}: "
+                              "ONNX Runtime's CPU kernels compute in the graph's own precision")
 
     @property
     def batching(self) -> bool:
@@ -171,6 +183,9 @@ def _set_engine_runtime(cfg, spec: RepositorySpec) -> None:
         cfg.backend = "python"
         _set_param(cfg, "onnx_file", contract.ONNX_FILE)
         _set_param(cfg, contract.PARAM_ORT_THREADS, str(spec.ort_threads))
+        if spec.engine != contract.ENGINES[0]:  # absent: ONNX Runtime (repositories of earlier versions too)
+            _set_param(cfg, contract.PARAM_ENGINE, spec.engine)
+            _set_param(cfg, contract.PARAM_INFERENCE_PRECISION, spec.inference_precision)
     del cfg.instance_group[:]
     group = cfg.instance_group.add()
     group.count = spec.instance_count or default_instances(spec.runtime).get(cfg.name, 1)

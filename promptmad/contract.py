@@ -205,6 +205,12 @@ ORT_THREADS_AUTO = "auto"
 # /dev/shm/<prefix><uid>-<server pid>-<model>: the file whose byte-range locks tell `auto` instances which compute
 THREAD_SHARE_PREFIX = "promptmad-threads-"
 PARAM_ORT_SPINNING = "allow_spinning"  # "1" (ONNX Runtime's default): its pool spins between ops; "0": it sleeps
+# what runs a python-ort engine step's ONNX graph: ONNX Runtime (absent parameter), or OpenVINO's CPU plugin
+PARAM_ENGINE = "engine"
+ENGINES = ("onnxruntime", "openvino")
+# OpenVINO's INFERENCE_PRECISION_HINT of the step ("f32" absent); "bf16" from `promptmad export --precision bf16`
+PARAM_INFERENCE_PRECISION = "inference_precision"
+INFERENCE_PRECISIONS = ("f32", "bf16")
 
 
 def resolve_dims(dims: tuple[Dim, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
