@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from promptmad import contract
 from promptmad.benchmarks.baselines import Predictor, onnxruntime_predictor
 from promptmad.benchmarks.perf_analyzer import BenchError
 
@@ -76,9 +77,26 @@ def measure_parallel(predictors: Sequence[Predictor], frames: Sequence[np.ndarra
             "per_worker": [len(x) for x in lat], "workers": len(predictors), "threads": 1}
 
 
+def reduced_engine(repo) -> str | None:
+    """'<step> runs on openvino (bf16)' when an engine step of ``repo`` runs on another engine than ONNX Runtime
+    (`promptmad export --precision bf16`), else None: the float32 baselines and ceiling do not measure it alike."""
+    from pathlib import Path
+
+    from promptmad.benchmarks.onnx_chain import engine_steps
+    from promptmad.export.repository_edit import read_config
+
+    for step in engine_steps(repo):
+        params = read_config(Path(repo) / step.name / "config.pbtxt").parameters
+        if contract.PARAM_ENGINE in params and params[contract.PARAM_ENGINE].string_value != contract.ENGINES[0]:
+            return (f"{step.name} runs on {params[contract.PARAM_ENGINE].string_value} "
+                    f"({params[contract.PARAM_INFERENCE_PRECISION].string_value})")
+    return None
+
+
 def served_on_cpu(repo) -> str | None:
     """None when every engine step of ``repo`` runs on ONNX Runtime's CPU provider (the bound's premise), else
-    why not: a step pointed at a GPU provider (benchmarks/gpu_providers.py) computes elsewhere than these cores."""
+    why not: a step pointed at a GPU provider (benchmarks/gpu_providers.py) computes elsewhere than these cores, a
+    step on OpenVINO (`--precision bf16`) computes otherwise."""
     from pathlib import Path
 
     from promptmad.benchmarks.gpu_providers import PARAM
@@ -90,7 +108,8 @@ def served_on_cpu(repo) -> str | None:
         first = params[PARAM].string_value.split(",")[0] if PARAM in params else "CPUExecutionProvider"
         if first != "CPUExecutionProvider":
             return f"{step.name} runs on {first}, not on these cores"
-    return None
+    other = reduced_engine(repo)  # OpenVINO (bf16): ONNX Runtime's float32 chains would not bound it
+    return f"{other}, not on ONNX Runtime" if other else None
 
 
 def onnxruntime_bound(repo, workers: int | None = None) -> Callable[[Sequence[np.ndarray], Sequence[int], float], dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from promptmad.benchmarks.baselines import Predictor, bracket, measure, onnxruntime_predictor, pytorch_predictor
-from promptmad.benchmarks.bound import BOUND, onnxruntime_bound, served_on_cpu
+from promptmad.benchmarks.bound import BOUND, onnxruntime_bound, reduced_engine, served_on_cpu
 from promptmad.benchmarks.frames import class_ids, load_frames
 from promptmad.benchmarks.machine import machine_description
 from promptmad.benchmarks.memory import group_memory_mib
@@ -111,6 +111,10 @@ def _predictors(run_dir, repo, torch_device: str, summary: dict) -> dict[str, Pr
         summary["notes"].append("PyTorch eager not measured: no --run given")
     if has_onnx_graphs(repo):
         predictors["onnxruntime_b1"] = onnxruntime_predictor(repo)
+        other = reduced_engine(repo)
+        if other:
+            summary["notes"].append(f"ONNX Runtime in-process runs the graphs in float32, while {other} when served: "
+                                    "Triton c=1 against it compares two precisions")
     else:
         summary["notes"].append("ONNX Runtime in-process not measured: the repository has no ONNX graphs "
                                 "(or no --repo was given)")

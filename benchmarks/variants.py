@@ -42,6 +42,8 @@ class Variant:
     engine_instances: int | None = KEEP
     ort_threads: int | str | None = KEEP  # ONNX Runtime intra-op threads of each engine instance, or "auto"
     spinning: bool | None = KEEP  # ONNX Runtime's thread pool spins between ops (its default) or sleeps
+    engine: str | None = KEEP  # what runs the engine graphs (contract.ENGINES), OpenVINO's precision below
+    inference_precision: str | None = KEEP  # contract.INFERENCE_PRECISIONS: bf16 changes the numbers (int8-gate)
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -54,6 +56,12 @@ class Variant:
                 and not (isinstance(self.ort_threads, int) and 1 <= self.ort_threads <= 64)):
             raise BenchError(f"variant {self.name}: ort_threads {self.ort_threads!r}, give 1..64 or "
                              f"'{contract.ORT_THREADS_AUTO}' (or leave it as exported)")
+        if self.engine is not None and self.engine not in contract.ENGINES:
+            raise BenchError(f"variant {self.name}: engine {self.engine!r}, choose one of {', '.join(contract.ENGINES)}")
+        if self.inference_precision is not None and (self.engine != contract.ENGINES[1]
+                                                     or self.inference_precision not in contract.INFERENCE_PRECISIONS):
+            raise BenchError(f"variant {self.name}: inference_precision {self.inference_precision!r} needs engine "
+                             f"{contract.ENGINES[1]} and one of {', '.join(contract.INFERENCE_PRECISIONS)}")
 
 
 PRESETS = {v.name: v for v in (
@@ -70,6 +78,10 @@ PRESETS = {v.name: v for v in (
     # with the pool sleeping between ops instead of spinning
     Variant("fused-auto-sleep", layout="fused", batching=False, ort_threads=contract.ORT_THREADS_AUTO, spinning=False),
     Variant("fused-1thread", layout="fused", batching=False, ort_threads=1),  # the export default until 2026-12-06 22:00
+    # the default's layout and threads on OpenVINO's CPU plugin: float32 (same numbers), and bf16 (what
+    # `promptmad export --precision bf16` serves; its numbers move: judge them with int8-gate)
+    Variant("fused-openvino", layout="fused", batching=False, engine="openvino", inference_precision="f32"),
+    Variant("fused-openvino-bf16", layout="fused", batching=False, engine="openvino", inference_precision="bf16"),
     Variant("steps", batching=False),
     Variant("steps-batching"),  # the export default until 2026-12-06
     Variant("engines-1", engine_instances=1),  # step layout, batching: the instance counts of steps-batching changed
@@ -122,6 +134,9 @@ def _change(variant: Variant, stage: Path, manifest: dict) -> dict:
             cfg.parameters[contract.PARAM_ORT_THREADS].string_value = str(variant.ort_threads)
         if variant.spinning is not KEEP and cfg.name in engines:
             cfg.parameters[contract.PARAM_ORT_SPINNING].string_value = "1" if variant.spinning else "0"
+        if variant.engine is not KEEP and cfg.name in engines:
+            cfg.parameters[contract.PARAM_ENGINE].string_value = variant.engine
+            cfg.parameters[contract.PARAM_INFERENCE_PRECISION].string_value = variant.inference_precision or "f32"
         write_config(cfg_path, cfg)
     return {**manifest, "variant": asdict(variant), "dynamic_batching": variant.batching}
 
@@ -148,12 +163,15 @@ def build_variant(repo: str | Path, variant: Variant, out_dir: str | Path) -> Pa
 
 
 def engine_threads(repo: Path) -> str:
-    """ONNX Runtime threads per engine instance of a built repository, and ' spin' when its pool spins."""
+    """Threads per engine instance of a built repository: ONNX Runtime's, and ' spin' when its pool spins; or
+    OpenVINO's, named with its inference precision."""
     from promptmad.export.repository_edit import read_config
 
-    cfg = read_config(Path(repo) / _engine_models(Path(repo))[-1] / "config.pbtxt")
-    threads = cfg.parameters[contract.PARAM_ORT_THREADS].string_value if contract.PARAM_ORT_THREADS in cfg.parameters else "?"
-    spin = cfg.parameters[contract.PARAM_ORT_SPINNING].string_value if contract.PARAM_ORT_SPINNING in cfg.parameters else "1"
+    params = read_config(Path(repo) / _engine_models(Path(repo))[-1] / "config.pbtxt").parameters
+    threads = params[contract.PARAM_ORT_THREADS].string_value if contract.PARAM_ORT_THREADS in params else "?"
+    if contract.PARAM_ENGINE in params and params[contract.PARAM_ENGINE].string_value != contract.ENGINES[0]:
+        return f"{threads} ({params[contract.PARAM_ENGINE].string_value} {params[contract.PARAM_INFERENCE_PRECISION].string_value})"
+    spin = params[contract.PARAM_ORT_SPINNING].string_value if contract.PARAM_ORT_SPINNING in params else "1"
     return threads + (" spin" if spin == "1" and threads != "1" else "")
 
 
@@ -216,7 +234,7 @@ def format_markdown(summary: dict) -> str:
              f"{':'.join(map(str, summary['concurrency']))}, {summary['rounds']} rounds alternated "
              f"({' '.join(v['name'] for v in summary['variants'])}, repeated). Medians over rounds; ratios: median of "
              f"the per-round ratios to `{ref}`.", "",
-             f"| variant | layout | batching | engine instances ({'/'.join(contract.ENGINE_STEPS)}, or fused) | ORT threads per instance | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
+             f"| variant | layout | batching | engine instances ({'/'.join(contract.ENGINE_STEPS)}, or fused) | threads per instance (engine) | c=1 FPS | c=1 p50 / p95 ms | best FPS (c) | best p50 / p95 ms | c=1 vs {ref} | best vs {ref} |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for v in summary["variants"]:
         s = summary["results"][v["name"]]
@@ -231,6 +249,10 @@ def format_markdown(summary: dict) -> str:
     alone = max(summary["variants"], key=lambda v: summary["results"][v["name"]]["c1"]["fps"])["name"]
     lines += ["", f"Fastest at the best concurrency: **{fastest}**; at concurrency 1: **{alone}**. Every variant serves the same ensembles "
               f"({contract.MODEL_NAME}, {contract.ENCODED_MODEL_NAME}) with the same inputs, outputs and class bank."]
+    reduced = [v["name"] for v in summary["variants"] if v.get("inference_precision") not in (None, contract.INFERENCE_PRECISIONS[0])]
+    if reduced:  # faster is not the same answers: what judges them is the quality gate, not this table
+        lines.append(f"{', '.join(reduced)} compute{'s' if len(reduced) == 1 else ''} in bf16, which moves the numbers: serve it "
+                     "from `promptmad export --precision bf16` after `promptmad int8-gate` passes on that repository.")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ tiny model serves two variants, sweeps them in alternation with perf_analyzer an
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -30,10 +31,14 @@ def test_variant_fields_are_checked():
         Variant("x", ort_threads=0)
     with pytest.raises(BenchError, match="plain folder name"):
         Variant("../x")
+    with pytest.raises(BenchError, match="engine 'tvm'"):
+        Variant("x", engine="tvm")
+    with pytest.raises(BenchError, match="inference_precision 'bf16' needs engine openvino"):
+        Variant("x", inference_precision="bf16")
 
 
 @pytest.mark.parametrize("name", ["default", "fused-batching", "steps", "engines-2", "fused-2threads", "fused-1-2threads",
-                                  "fused-1thread", "fused-auto-sleep"])
+                                  "fused-1thread", "fused-auto-sleep", "fused-openvino-bf16"])
 def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path, name):
     variant = PRESETS[name]
     before = verify_repository_checksums(tiny_repository)
@@ -68,6 +73,11 @@ def test_variant_repository_changes_only_what_it_says(tiny_repository, tmp_path,
         elif contract.PARAM_ORT_THREADS in reference.parameters:
             assert params[contract.PARAM_ORT_THREADS] == reference.parameters[contract.PARAM_ORT_THREADS].string_value, model
             assert contract.PARAM_ORT_SPINNING not in params, model
+        if model in engines and variant.engine is not None:
+            assert params[contract.PARAM_ENGINE] == variant.engine, model
+            assert params[contract.PARAM_INFERENCE_PRECISION] == variant.inference_precision, model
+        else:  # ONNX Runtime, as exported
+            assert contract.PARAM_ENGINE not in params, model
 
 
 def test_variants_are_built_from_the_step_layout_only(tiny_repository, tmp_path):
@@ -121,3 +131,25 @@ def test_two_variants_measured_in_alternation_end_to_end(tiny_repository, tiny_d
     assert summary["machine"]["cpu"] in md and "| default |" in md and "| steps |" in md and "x |" in md
     assert (out / "repos" / "default" / contract.FUSED_ENGINE.name).is_dir()
     assert (out / "repos" / "steps" / contract.SEGMENTOR.name).is_dir()
+
+
+def test_an_openvino_variant_is_named_and_its_bf16_flagged(tiny_repository, tmp_path):
+    """The table says which engine ran a variant, and that a bf16 one answers otherwise (the gate judges it)."""
+    from promptmad.benchmarks.variants import engine_threads, format_markdown
+
+    repo = build_variant(tiny_repository, PRESETS["fused-openvino-bf16"], tmp_path / "bf16")
+    assert engine_threads(repo) == f"{contract.ORT_THREADS_AUTO} (openvino bf16)"
+    assert engine_threads(build_variant(tiny_repository, PRESETS["default"], tmp_path / "d")) == "auto spin"
+    fig = {"fps": 10.0, "p50_ms": 1.0, "p95_ms": 2.0}
+    result = {"c1": fig, "best": fig, "best_concurrency": [1], "stable": True, "ratio_to_default": {"c1": 1.0, "best": 1.0}}
+    summary = {"machine": {"cpu": "cpu"}, "date": "d", "instruction_sets": "", "repository": "r", "n_frames": 1, "data": "d",
+               "image_size": 64, "concurrency": [1, 1, 1], "rounds": 1,
+               "variants": [asdict(PRESETS["default"]), asdict(PRESETS["fused-openvino-bf16"])],
+               "engine_instances": {"default": {"f": 2}, "fused-openvino-bf16": {"f": 2}},
+               "engine_threads": {"default": "auto spin", "fused-openvino-bf16": "auto (openvino bf16)"},
+               "results": {"default": result, "fused-openvino-bf16": result}}
+    md = format_markdown(summary)
+    assert "| auto (openvino bf16) |" in md
+    assert "fused-openvino-bf16 computes in bf16" in md and "int8-gate" in md
+    summary["variants"] = summary["variants"][:1]
+    assert "bf16" not in format_markdown(summary)
