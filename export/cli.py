@@ -107,7 +107,8 @@ GATE_DESCRIPTION = (
     "The INT8 (and BF16) quality gate: serve the FP32 and the INT8 (or BF16) repository of one run in turn (a real tritonserver each), "
     "score the test split of --data with each, and compare `promptmad evaluate`'s mean metrics: P-AUROC and I-AUROC "
     "may drop by 0.5 points, P-AP and AUPRO by 1 point. With --speed, also the served FPS of both in one run "
-    "(perf_analyzer on the ensemble, rounds alternating). The figures are written into the INT8 repository's "
+    "(perf_analyzer on the ensemble, rounds alternating). Each defect kind's metrics are printed beside the means "
+    "(informative: a precision may cost one kind what the means hide). The figures are written into the INT8 repository's "
     "manifest.json. Exit status 1 when the gate fails."
 )
 

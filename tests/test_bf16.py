@@ -136,7 +136,9 @@ def test_the_gate_takes_a_bf16_repository_and_names_it(bf16_repository, default_
     with pytest.raises(ExportError, match="--int8 .*precision 'fp32'"):
         check_pair(default_repository, tiny_repository)
     row = {"fp32": 90.0, "int8": 89.9, "delta_points": -0.1, "max_drop_points": 0.5, "pass": True}
-    assert "| BF16 served |" in format_gate({"precision": "bf16", "gate": {"P-AUROC": row}, "pass": True})
+    kinds = {"scratch": {"P-AUROC": 90.0, "I-AUROC": 80.0, "P-AP": 40.0, "AUPRO": 70.0}}
+    doc = {"precision": "bf16", "gate": {"P-AUROC": row}, "pass": True, "per_kind": {"fp32": kinds, "int8": kinds}}
+    assert "| BF16 served |" in format_gate(doc) and "| scratch | 90.0 / 90.0 | 80.0 / 80.0 |" in format_gate(doc)
     speed = {"precision": "bf16", "image_size": 64, "rounds": 1, "machine": {}, "best_fps": {"fp32": 1.0, "int8": 1.3},
              "best_ratio": 1.3, "per_concurrency": {"1": {"fp32_fps": 1.0, "int8_fps": 1.3, "ratio": 1.3}}}
     assert "BF16 / FP32" in format_speed(speed) and "BF16 1.3 FPS" in format_speed(speed)

@@ -229,10 +229,14 @@ def test_gate_verdict_per_metric():
 def test_quality_gate_on_served_repositories(tiny_repository, int8_repository, tiny_dataset):
     """Both repositories served by real tritonservers, the figures written into the INT8 manifest."""
     from promptmad.export.manifest import verify_repository_checksums
-    from promptmad.export.quality_gate import GATE_FIELD, quality_gate
+    from promptmad.export.quality_gate import GATE_FIELD, GATE_POINTS, quality_gate
+    from promptmad.training.data.datasets import load_samples
 
     doc = quality_gate(tiny_repository, int8_repository, tiny_dataset)
     assert set(doc["metrics"]) == {"fp32", "int8"} and "mean" in doc["metrics"]["int8"]
+    kinds = {s.defect for s in load_samples(tiny_dataset, split="test") if s.label}  # every defect kind, per precision
+    assert set(doc["per_kind"]["fp32"]) == set(doc["per_kind"]["int8"]) == kinds
+    assert all(set(v) == set(GATE_POINTS) for v in doc["per_kind"]["int8"].values())
     assert isinstance(doc["pass"], bool)
     m = verify_repository_checksums(int8_repository)  # re-sealed after the edit
     assert m[GATE_FIELD]["gate"] == doc["gate"]
