@@ -1,8 +1,8 @@
 """BF16 on the CPU (`promptmad export --precision bf16`): the float32 ONNX graphs, served by OpenVINO's CPU plugin with
 inference precision bf16 (model_repository/onnx_runner.py, contract.PARAM_ENGINE). Why OpenVINO: ONNX Runtime's CPU
-kernels have no bf16 path, and on a CPU with native bf16 (AVX512_BF16, AMX) the served ensemble ran 1.39x the frames a
-second of the float32 default (benchmarks/README.md, "BF16"). This file checks at export that OpenVINO compiles every graph and
-that its bf16 outputs stay near PyTorch's, and says in which precision the export machine computed; the ranking is
+kernels have no bf16 path, and on a CPU with native bf16 (AVX512_BF16, AMX) the served ensemble ran 1.39x the
+frames a second of the float32 default (benchmarks/README.md, "BF16"). This file checks at export that OpenVINO
+compiles every graph and that its bf16 outputs stay near PyTorch's, and says in which precision the export machine computed; the ranking is
 judged like INT8's, by the quality gate on the served repositories (`promptmad int8-gate`, export/quality_gate.py)."""
 
 from __future__ import annotations
@@ -32,17 +32,14 @@ def require_openvino():
     return openvino
 
 
-def compile_graph(path: Path, shapes: dict[str, list[int]] | None = None, precision: str = INFERENCE_PRECISION,
-                  threads: int = 0):
-    """`path` compiled by OpenVINO for the CPU at `precision` (static `shapes` when given)."""
+def compile_graph(path: Path, shapes: dict[str, list[int]] | None = None, precision: str = INFERENCE_PRECISION):
+    """`path` compiled by OpenVINO for the CPU at `precision` (static `shapes` when given), as the runner does."""
     ov = require_openvino()
     core = ov.Core()
     model = core.read_model(str(path))
     if shapes:
         model.reshape(shapes)
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
     try:
         return core.compile_model(model, "CPU", config)
     except RuntimeError as exc:

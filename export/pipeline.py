@@ -201,7 +201,7 @@ def _bf16_parity(onnx_paths: dict[str, Path], reference: dict[str, np.ndarray]) 
     """The graphs on OpenVINO at bf16 against PyTorch; the manifest's record of it."""
     import openvino
 
-    from promptmad.export.bf16 import BF16_PARITY_TOLERANCES, OpenVinoOutputs
+    from promptmad.export.bf16 import BF16_PARITY_TOLERANCES, ENGINE, OpenVinoOutputs
 
     outputs = OpenVinoOutputs()
     parity = run_parity_check(onnx_paths, reference, BF16_PARITY_TOLERANCES, outputs=outputs)
@@ -209,7 +209,7 @@ def _bf16_parity(onnx_paths: dict[str, Path], reference: dict[str, np.ndarray]) 
     if computed != "bf16":
         log.warning("this CPU computes in %s, not bf16 (no AVX512_BF16 or AMX): the parity figures are float32's; "
                     "a server on a CPU with bf16 computes in bf16", computed)
-    return parity, {"engine": "openvino", "openvino_version": openvino.__version__, "export_machine_computed_in": computed}
+    return parity, {"engine": ENGINE, "openvino_version": openvino.__version__, "export_machine_computed_in": computed}
 
 
 def _chain_tensors(model, frames: np.ndarray, ids: np.ndarray, tables: dict[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
