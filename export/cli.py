@@ -86,7 +86,8 @@ def _register_export(subparsers) -> None:
     q = e.add_argument_group("INT8 and BF16 (--precision int8 | bf16)")
     q.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
                    help="fp32 (default); int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
-                        "calibrated on normal training frames of the run's classes (--data, else the run's training data); "
+                        "calibrated on training frames of the run's classes (--data, else the run's training data), half of them with "
+                        "a synthesised defect; "
                         "a per-block sensitivity sweep keeps in float what moves the map; with --runtime tensorrt, INT8 engines; "
                         "bf16 (python-ort only): the float32 graphs served by OpenVINO's CPU plugin in bf16, faster on a CPU "
                         "with AVX512_BF16 or AMX (elsewhere OpenVINO computes in float32). Judge int8 and bf16 with "
@@ -94,9 +95,13 @@ def _register_export(subparsers) -> None:
     q.add_argument("--calibration-method", default=QUANTIZE_DEFAULTS.method, choices=CALIBRATION_METHODS,
                    help="ONNX Runtime calibration method (default: %(default)s)")
     q.add_argument("--calibration-frames", type=int, default=QUANTIZE_DEFAULTS.frames,
-                   help="normal training frames to calibrate on (default: %(default)s)")
+                   help="training frames to calibrate on (default: %(default)s)")
     q.add_argument("--sweep-frames", type=int, default=QUANTIZE_DEFAULTS.held_frames,
-                   help="further normal training frames the sensitivity sweep measures on (default: %(default)s)")
+                   help="further training frames the sensitivity sweep measures on (default: %(default)s)")
+    q.add_argument("--calibration-defect-share", type=float, default=QUANTIZE_DEFAULTS.defect_share,
+                   help="share of the calibration and sweep frames painted with a synthesised defect (the training "
+                        "augmentation): normal frames alone leave the ranges blind to a defect's activations "
+                        "(default: %(default)s; 0: normal frames only)")
     q.add_argument("--map-tolerance", type=float, default=QUANTIZE_DEFAULTS.map_tolerance,
                    help="RMS change of the served map (normal standard deviations) the INT8 chain may make on the sweep "
                         "frames; blocks go back to float until it holds (default: %(default)s)")
@@ -174,7 +179,7 @@ def _export(args) -> int:
     from promptmad.export.pipeline import export_run
 
     quantize = QuantizeConfig(method=args.calibration_method, frames=args.calibration_frames, held_frames=args.sweep_frames,
-                              map_tolerance=args.map_tolerance)
+                              defect_share=args.calibration_defect_share, map_tolerance=args.map_tolerance)
     result = export_run(
         args.ckpt, args.out, runtime=args.runtime, max_batch=args.max_batch, data=args.data, opset=args.opset,
         check_parity=not args.skip_parity, fp16=not args.no_fp16, instance_count=args.instances, ort_threads=args.ort_threads,

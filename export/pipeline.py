@@ -173,7 +173,8 @@ def _quantize(model, info, onnx_paths: dict[str, Path], tables: dict[str, np.nda
     from promptmad.export.calibration import calibration_frames, split, training_data
     from promptmad.export.quantize import check_tensorrt_qdq, quantize_steps
 
-    frames, ids = calibration_frames(info, training_data(info, data), model.cfg.image_size, cfg.frames + cfg.held_frames)
+    frames, ids = calibration_frames(info, training_data(info, data), model.cfg.image_size,
+                                     cfg.frames + cfg.held_frames, cfg.defect_share)
     tensors = _chain_tensors(model, frames, ids, tables)
     calib, held = split(tensors, cfg.frames)
     paths, decision = quantize_steps(onnx_paths, calib, held, cfg, staging / "int8")

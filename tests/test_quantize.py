@@ -139,6 +139,7 @@ def test_manifest_records_parity_and_decisions(int8_repository):
     assert q["format"] == "QDQ" and q["config"]["method"] == TEST_CONFIG.method
     assert q["activations"] == "uint8 asymmetric"  # "auto" on a CPU runtime: what ORT's x86 kernels fuse
     assert q["calibration_frames"] == TEST_CONFIG.frames and q["held_frames"] == TEST_CONFIG.held_frames
+    assert q["config"]["defect_share"] == TEST_CONFIG.defect_share > 0  # the default paints defects
     assert set(q["block_map_rms"]) == set(contract.ENGINE_STEPS)
     assert set(q["excluded"]) == set(q["excluded_nodes"]) == set(contract.ENGINE_STEPS)
     assert np.isfinite(q["chain_map_rms"])
@@ -150,6 +151,7 @@ def test_manifest_records_parity_and_decisions(int8_repository):
 @pytest.mark.parametrize("field, value", [
     ("method", "kl"), ("frames", 2), ("held_frames", 0), ("percentile", 100.0), ("block_tolerance", 0.0),
     ("map_tolerance", float("nan")), ("block_depth", 0), ("activation_type", "int4"), ("max_budget_rounds", -1),
+    ("defect_share", 1.5), ("defect_share", -0.1),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError) as exc:
@@ -166,6 +168,23 @@ def test_calibration_frames_are_normal_training_frames_of_every_class(tiny_run, 
     assert sorted(set(ids.tolist())) == list(range(len(info.classes)))  # spread over the classes
     with pytest.raises(ExportError, match="normal training frames"):
         calibration_frames(info, tiny_dataset, 64, 10_000)
+
+
+def test_calibration_paints_the_defect_share_evenly_and_reproducibly(tiny_run, tiny_dataset):
+    """A share of the frames carries a synthesised defect (normal frames alone leave the ranges blind to a
+    defect's activations): odd frames at 0.5, so the calibration and the held part both get theirs."""
+    from promptmad.training.checkpoint import load_model
+
+    _, info = load_model(tiny_run)
+    normal, ids = calibration_frames(info, tiny_dataset, 64, 8)
+    painted, ids2 = calibration_frames(info, tiny_dataset, 64, 8, defect_share=0.5)
+    assert (ids == ids2).all()
+    changed = [bool((a != b).any()) for a, b in zip(normal, painted)]
+    assert changed == [False, True] * 4
+    again, _ = calibration_frames(info, tiny_dataset, 64, 8, defect_share=0.5)
+    assert (again == painted).all()
+    every, _ = calibration_frames(info, tiny_dataset, 64, 8, defect_share=1.0)
+    assert all((a != b).any() for a, b in zip(normal, every))
 
 
 def test_auto_activation_type_per_runtime():
