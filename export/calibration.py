@@ -4,8 +4,8 @@ defects painted in), and the ONNX Runtime `CalibrationDataReader` that gives eac
 inputs (the fp32 chain's tensors of those frames, so the reconstructor and the segmentor are calibrated on
 what the encoder really gives them, not on random tensors).
 
-Why defects too: the segmentor's activations on a defect are far larger than on any normal frame, and the
-map of a normal frame is ~0 everywhere. Calibrated and swept on normal frames only, the 500-step demo run's
+Why defects too: the segmentor's activations on a defect are far larger than on any normal frame, whose
+map stays within a few normal standard deviations. Calibrated and swept on normal frames only, the 500-step demo run's
 INT8 chain measured 4e-5 RMS on the sweep frames and then missed a defect's peak (75 normal standard
 deviations) by 32 in the export's parity check: the ranges clipped exactly what the map is for, and the
 sweep could not see it.

@@ -6,8 +6,9 @@
 2. ONNX graphs with a dynamic batch axis for the visual encoder, the reconstructor and the
    segmentor (10 diffusion steps unrolled); every op checked against ONNX-TensorRT's list.
 3. Parity of every graph against PyTorch on real frames (Polygraphy's ONNX Runtime runner).
-3b. Precision `int8`: static QDQ quantization of the three graphs, calibrated on normal training frames,
-   what stays float decided by a sensitivity sweep (export/quantize.py), parity with int8 tolerances.
+3b. Precision `int8`: static QDQ quantization of the three graphs, calibrated on training frames (half
+   with a synthesised defect, export/calibration.py), what stays float decided by a sensitivity sweep
+   (export/quantize.py), parity with int8 tolerances.
    Precision `bf16`: the float32 graphs on OpenVINO's CPU plugin at bf16 (export/bf16.py), parity checked there.
 4. Runtime `tensorrt`: engines built and compared against ONNX Runtime (GPU + TensorRT only; INT8
    engines from the QDQ graphs under `int8`).
@@ -276,10 +277,10 @@ def export_run(
 ) -> ExportResult:
     """Exports a run to a Triton model repository at `out_dir` (replaced atomically). `runtime` is
     one of contract.RUNTIMES; the parity frames come from `data` or else the run's prompt images.
-    `precision` "int8": QDQ graphs calibrated (`quantize`, default QuantizeConfig()) on the normal
-    training frames of `data`, else of the run's training data. `layout` "fused": the three engine graphs
-    merged into one step (export/fused.py; python-ort only), measured faster on CPU (benchmarks/README.md);
-    None: default_layout(runtime). `dynamic_batching` None: repository.default_dynamic_batching(runtime).
+    `precision` "int8": QDQ graphs calibrated (`quantize`, default QuantizeConfig()) on the training
+    frames of `data` (a share with synthesised defects), else of the run's training data. `layout` "fused":
+    the three engine graphs merged into one step (export/fused.py; python-ort only), measured faster on CPU
+    (benchmarks/README.md); None: default_layout(runtime). `dynamic_batching` None: repository.default_dynamic_batching(runtime).
     `ort_threads` None: one thread per engine instance in the step layout (the steps compute side by side),
     fused.FUSED_THREADS for the fused step."""
     quantize = quantize or QuantizeConfig()
