@@ -85,7 +85,8 @@ def _register_export(subparsers) -> None:
                         "faster than one after the other; on for the GPU runtimes)")
     q = e.add_argument_group("INT8 and BF16 (--precision int8 | bf16)")
     q.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
-                   help="fp32 (default); int8: ONNX Runtime static quantization (QDQ, S8S8 symmetric, per-channel weights) "
+                   help="fp32 (default); int8: ONNX Runtime static quantization (QDQ, per-channel int8 weights; uint8 "
+                        "activations on CPU, symmetric int8 for tensorrt) "
                         "calibrated on training frames of the run's classes (--data, else the run's training data), half of them with "
                         "a synthesised defect; "
                         "a per-block sensitivity sweep keeps in float what moves the map; with --runtime tensorrt, INT8 engines; "
